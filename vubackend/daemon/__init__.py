@@ -1,0 +1,3 @@
+"""vubackend.daemon: see docs/design.md for what this layer holds."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""vubackend.vring: see docs/design.md for what this layer holds."""
+
+__all__: list[str] = []
