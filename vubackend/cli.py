@@ -143,7 +143,8 @@ def _drive(conn: Connection) -> None:
 
     features = ask(Message.new_request(FrontendReq.GET_FEATURES))
     assert isinstance(features.payload, U64)
-    log.info("frontend: backend offers %s", VirtioFeatures(features.payload.value))
+    offered = VirtioFeatures(features.payload.value)
+    log.info("frontend: backend offers %s", "|".join(f.name or "?" for f in offered))
     ask(Message.new_request(FrontendReq.GET_PROTOCOL_FEATURES))
     acked = ProtocolFeatures.MQ | ProtocolFeatures.REPLY_ACK
     ack_payload = U64(int(acked))
