@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 echo "== ruff check";          $PYTHON -m ruff check .
 echo "== ruff format --check"; $PYTHON -m ruff format --check .
 echo "== mypy --strict";       $PYTHON -m mypy
-echo "== import-linter";       lint-imports
+LINT_IMPORTS=$($PYTHON -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "lint-imports"))')
+echo "== import-linter";       "$LINT_IMPORTS"
 echo "== ORDERING comments"
 # Every fence / acquire / release call must follow an "ORDERING:" line.
 bad=$(awk 'FNR==1{prev=""} /(fence_|_acquire\(|_release\()/ && $0 !~ /^\s*(#|def |"|from |import )/ && prev !~ /ORDERING:/ {print FILENAME":"FNR": "$0} {prev=$0}' \
