@@ -21,6 +21,7 @@ from typing import ClassVar, Self
 __all__ = [
     "DaemonClosedError",
     "DescriptorChainError",
+    "DeviceError",
     "GuestMemoryError",
     "InternalError",
     "LocalProtocolError",
@@ -32,6 +33,7 @@ __all__ = [
     "RingStateError",
     "TransportError",
     "UnmappedAddressError",
+    "UnsupportedRequestError",
     "VhostUserError",
     "VringError",
 ]
@@ -188,6 +190,25 @@ class DescriptorChainError(VringError):
 class RingStateError(VringError):
     """A ring was used while stopped, or before its addresses were set, or
     configured with values the rules forbid."""
+
+    reconnect = False
+    _abstract = False
+
+
+# ---------------------------------------------------------------- devices
+
+
+class DeviceError(VhostUserError):
+    """A device (a VhostUserBackend implementation) failed a request; the
+    daemon answers the request with a failure and keeps the session."""
+
+    reconnect = False
+    _abstract = False
+
+
+class UnsupportedRequestError(DeviceError):
+    """The device does not implement this request (the hook kept its
+    default); the daemon refuses the request and logs why."""
 
     reconnect = False
     _abstract = False

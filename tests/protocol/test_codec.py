@@ -23,6 +23,7 @@ from vubackend.protocol import (
     MemoryRegion,
     MemoryTable,
     Message,
+    OwnedFds,
     VringFile,
     VringState,
     XenMemoryRegion,
@@ -366,3 +367,20 @@ def test_replies_have_exactly_flags_0x5() -> None:
     assert struct.unpack_from("=III", data) == (11, 0x5, 8)
     ack = encode(Message.ack(FrontendReq.SET_MEM_TABLE, success=False))
     assert ack == struct.pack("=IIIQ", 5, 0x5, 8, 1)
+
+
+def test_owned_fds_take_borrow_and_close() -> None:
+    fds = make_fds(3)
+    with OwnedFds(fds) as owned:
+        assert len(owned) == 3
+        assert owned.borrow(1) == fds[1]
+        kept = owned.take(0)
+        assert len(owned) == 2
+        with pytest.raises(IndexError, match="already taken"):
+            owned.take(0)
+        with pytest.raises(IndexError, match="already taken"):
+            owned.borrow(0)
+    assert is_open(kept)
+    assert not is_open(fds[1])
+    assert not is_open(fds[2])
+    close_fds([kept])

@@ -176,6 +176,17 @@ class OwnedFds:
         self._fds[index] = None
         return fd
 
+    def borrow(self, index: int = 0) -> int:
+        """Fd ``index``, still owned here (closed with the others).
+
+        Raises:
+            IndexError: no fd there, or it was already taken.
+        """
+        fd = self._fds[index]
+        if fd is None:
+            raise IndexError(f"fd {index} was already taken")
+        return fd
+
     def close(self) -> None:
         """Close every fd not taken. Idempotent."""
         fds = [fd for fd in self._fds if fd is not None]
