@@ -1,3 +1,90 @@
-"""vubackend.frontend: see docs/design.md for what this layer holds."""
+"""vubackend.frontend: a vhost-user frontend in Python, to drive any backend
+(ours, qemu-storage-daemon, DPDK's vhost PMD) without a VM.
 
-__all__: list[str] = []
+* :class:`Frontend`: both socket roles (``connect``, ``listen``), feature and
+  protocol-feature negotiation with masking, REPLY_ACK, a method per request
+  of the protocol, QEMU's sequences (``handshake``, ``share_memory``,
+  ``setup_queue``, ``stop_queue``/``start_queue``), dirty logging, device
+  state transfer, and a raw mode for malformed frames.
+* :class:`GuestRam`: memfd (or hugetlbfs) guest RAM with an allocator,
+  addressed by guest physical address.
+* :class:`FrontendQueue`, :class:`EventFd`: a virtqueue's rings and notifiers.
+* :class:`BackendChannel`: the backend request channel, served on a thread.
+* Drivers: :class:`BlkDriver`, :class:`NetDriver`, :class:`RngDriver`, on
+  the driver-side ring writers :class:`SplitDriverRing` and
+  :class:`PackedDriverRing`.
+* :class:`DirtyLogBuffer`, :class:`InflightBuffer`, :class:`DeviceStateReply`.
+* :func:`frame`, :class:`RawReply`, :class:`RawOutcome`: raw mode.
+* ``vubackend.frontend.testing``: pytest fixtures.
+"""
+
+from vubackend.frontend._blk import (
+    SECTOR_SIZE,
+    BlkDriver,
+    BlkRequest,
+    BlkRequestType,
+    BlkStatus,
+)
+from vubackend.frontend._channel import (
+    BackendAnswer,
+    BackendChannel,
+    BackendEvent,
+    BackendHook,
+)
+from vubackend.frontend._dirty_log import LOG_PAGE_SIZE, DirtyLogBuffer
+from vubackend.frontend._driver_ring import (
+    DriverRing,
+    PackedDriverRing,
+    SplitDriverRing,
+    make_driver_ring,
+)
+from vubackend.frontend._engine import DEFAULT_TIMEOUT
+from vubackend.frontend._eventfd import EventFd
+from vubackend.frontend._frontend import (
+    DEFAULT_PROTOCOL_FEATURES,
+    DeviceStatus,
+    Frontend,
+)
+from vubackend.frontend._memory import FADDR_BASE, HUGE_PAGE_SIZE, GuestRam, RamRegion
+from vubackend.frontend._net import NET_HEADER_SIZE, NetDriver
+from vubackend.frontend._queue import FrontendQueue, QueueState
+from vubackend.frontend._raw import RawOutcome, RawReply, frame
+from vubackend.frontend._results import DeviceStateReply, InflightBuffer
+from vubackend.frontend._rng import RngDriver
+
+__all__ = [
+    "DEFAULT_PROTOCOL_FEATURES",
+    "DEFAULT_TIMEOUT",
+    "FADDR_BASE",
+    "HUGE_PAGE_SIZE",
+    "LOG_PAGE_SIZE",
+    "NET_HEADER_SIZE",
+    "SECTOR_SIZE",
+    "BackendAnswer",
+    "BackendChannel",
+    "BackendEvent",
+    "BackendHook",
+    "BlkDriver",
+    "BlkRequest",
+    "BlkRequestType",
+    "BlkStatus",
+    "DeviceStateReply",
+    "DeviceStatus",
+    "DirtyLogBuffer",
+    "DriverRing",
+    "EventFd",
+    "Frontend",
+    "FrontendQueue",
+    "GuestRam",
+    "InflightBuffer",
+    "NetDriver",
+    "PackedDriverRing",
+    "QueueState",
+    "RamRegion",
+    "RawOutcome",
+    "RawReply",
+    "RngDriver",
+    "SplitDriverRing",
+    "frame",
+    "make_driver_ring",
+]

@@ -1,0 +1,191 @@
+"""Start the real peers from Debian's packages for the interop tests:
+qemu-storage-daemon (package qemu-system-common; qemu-img from qemu-utils)
+with a vhost-user-blk export, and dpdk-testpmd (package dpdk-dev) with the
+vhost PMD. ``scripts/setup.sh`` installs the packages; without a binary the
+fixtures skip with the reason.
+
+Every process started here is killed in a ``finally`` and its temporary
+files live under pytest's ``tmp_path``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+QSD = "qemu-storage-daemon"
+QEMU_IMG = "qemu-img"
+TESTPMD = "dpdk-testpmd"
+START_TIMEOUT = 10.0
+
+
+def require(binary: str, package: str) -> str:
+    """The path of ``binary``, or skip the test naming the Debian package."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(
+            f"{binary} is not installed "
+            f"(Debian package {package}; run scripts/setup.sh)"
+        )
+    return path
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not path.is_socket():
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args!r} exited with {process.returncode}:\n{log.read_text()}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{path} did not appear within {START_TIMEOUT} s:\n{log.read_text()}"
+            )
+        time.sleep(0.02)
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@dataclass
+class StorageDaemon:
+    """A running qemu-storage-daemon exporting ``image`` on ``socket``."""
+
+    socket: Path
+    image: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def read_image(self, offset: int, length: int) -> bytes:
+        """Bytes of the image file on the host."""
+        with self.image.open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+@contextlib.contextmanager
+def storage_daemon(
+    workdir: Path, *, size_mb: int = 16, num_queues: int = 2, name: str = "vub"
+) -> Iterator[StorageDaemon]:
+    """Start qemu-storage-daemon with a fresh raw image and a writable
+    vhost-user-blk export; kill it afterwards."""
+    qsd = require(QSD, "qemu-system-common")
+    qemu_img = require(QEMU_IMG, "qemu-utils")
+    image = workdir / f"{name}.img"
+    sock = workdir / f"{name}.sock"
+    log = workdir / f"{name}.log"
+    subprocess.run(
+        [qemu_img, "create", "-q", "-f", "raw", str(image), f"{size_mb}M"],
+        check=True,
+        timeout=30,
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                qsd,
+                "--blockdev", f"driver=file,node-name=disk0,filename={image}",
+                "--export",
+                f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues={num_queues}",
+            ],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_for_socket(sock, process, log)
+        yield StorageDaemon(sock, image, log, process)
+    finally:
+        _stop(process)
+
+
+@dataclass
+class PortStats:
+    """Counters testpmd printed for its vhost port."""
+
+    rx_packets: int
+    tx_packets: int
+    rx_dropped: int
+
+
+_STATS = re.compile(
+    r"RX-packets:\s*(\d+)\s+RX-dropped:\s*(\d+).*?TX-packets:\s*(\d+)", re.S
+)
+
+
+@dataclass
+class TestPmd:
+    """A running dpdk-testpmd with a vhost PMD port listening on ``socket``."""
+
+    __test__ = False  # not a test class, despite its name
+
+    socket: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> PortStats:
+        """Stop testpmd (SIGINT: it prints its final statistics) and parse
+        the per-port totals."""
+        _stop(self.process, signal.SIGINT)
+        text = self.log.read_text(errors="replace")
+        blocks = text.split("Forward statistics for port 0")
+        if len(blocks) < 2:
+            raise RuntimeError(
+                f"no final statistics in testpmd's output:\n{text[-3000:]}"
+            )
+        match = _STATS.search(blocks[-1])
+        if match is None:
+            raise RuntimeError(
+                f"cannot parse testpmd's statistics:\n{blocks[-1][:2000]}"
+            )
+        rx, dropped, tx = (int(g) for g in match.groups())
+        return PortStats(rx_packets=rx, tx_packets=tx, rx_dropped=dropped)
+
+
+@contextlib.contextmanager
+def run_testpmd(
+    workdir: Path, *, mode: str = "rxonly", name: str = "vh"
+) -> Iterator[TestPmd]:
+    """Start dpdk-testpmd without hugepages, its vhost PMD listening on a
+    socket (the frontend is the client), forwarding in ``mode``
+    (``rxonly`` or ``io``); kill it afterwards."""
+    binary = require(TESTPMD, "dpdk-dev")
+    sock = workdir / f"{name}.sock"
+    log = workdir / f"{name}-testpmd.log"
+    prefix = f"vubt{os.getpid()}{name}"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                binary, "-l", "0-1", "--no-pci", "--no-huge", "-m", "512",
+                f"--file-prefix={prefix}", "--log-level=lib.eal:error",
+                "--vdev", f"net_vhost0,iface={sock},queues=1,client=0",
+                "--", "--nb-cores=1", f"--forward-mode={mode}",
+                "--total-num-mbufs=16384", "--stats-period", "1",
+            ],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_for_socket(sock, process, log)
+        yield TestPmd(sock, log, process)
+    finally:
+        _stop(process, signal.SIGINT)
+        # EAL's runtime directory (its config and sockets) is left behind.
+        shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
