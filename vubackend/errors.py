@@ -30,6 +30,7 @@ __all__ = [
     "PeerDisconnectedError",
     "ProtocolError",
     "RemoteProtocolError",
+    "RequestRefusedError",
     "RingStateError",
     "TransportError",
     "UnmappedAddressError",
@@ -87,6 +88,22 @@ class RemoteProtocolError(ProtocolError):
         self.request = request
         self.need_reply = need_reply
         self.recoverable = recoverable
+
+
+class RequestRefusedError(RemoteProtocolError):
+    """The peer answered a request with a failing REPLY_ACK (or another
+    failure reply). The stream is in step (``recoverable`` is True).
+
+    Attributes:
+        code: the non-zero value the peer answered with.
+    """
+
+    reconnect = False
+    _abstract = False
+
+    def __init__(self, message: str, *, request: int, code: int) -> None:
+        super().__init__(message, request=request, recoverable=True)
+        self.code = code
 
 
 class LocalProtocolError(ProtocolError):
