@@ -326,3 +326,23 @@ def test_payload_and_header_layout_on_the_wire() -> None:
     assert b.recv(100) == struct.pack("=IIIQ", 2, 0x9, 8, 0x1_0000_0000)
     b.close()
     sender.close()
+
+
+def test_closing_the_listener_wakes_a_blocked_accept(tmp_path: Path) -> None:
+    listener = Listener(tmp_path / "vu.sock")
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            listener.accept(Inbound.FRONTEND_REQUESTS)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    listener.close()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], DaemonClosedError | TransportError)

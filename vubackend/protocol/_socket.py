@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
@@ -325,6 +326,10 @@ class Listener:
         if self._closed:
             return
         self._closed = True
+        # shutdown() wakes a thread blocked in accept(); close() alone does
+        # not on Linux.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         try:
             if os.stat(self._path).st_ino == self._inode:
