@@ -15,6 +15,10 @@
   :class:`PackedDriverRing`.
 * :class:`DirtyLogBuffer`, :class:`InflightBuffer`, :class:`DeviceStateReply`.
 * :func:`frame`, :class:`RawReply`, :class:`RawOutcome`: raw mode.
+* Postcopy (``Frontend.enter_postcopy``/``leave_postcopy``):
+  :class:`PostcopyPager` (missing pages, their placement with UFFDIO_COPY
+  and the fault thread), :class:`PostcopyClient`, :class:`PostcopyStats`,
+  :class:`Userfaultfd`, :class:`UffdEvent`, :func:`userfaultfd_unavailable`.
 * ``vubackend.frontend.testing``: pytest fixtures.
 """
 
@@ -47,6 +51,14 @@ from vubackend.frontend._frontend import (
 )
 from vubackend.frontend._memory import FADDR_BASE, HUGE_PAGE_SIZE, GuestRam, RamRegion
 from vubackend.frontend._net import NET_HEADER_SIZE, NetDriver
+from vubackend.frontend._postcopy import (
+    PostcopyClient,
+    PostcopyPager,
+    PostcopyStats,
+    UffdEvent,
+    Userfaultfd,
+    userfaultfd_unavailable,
+)
 from vubackend.frontend._queue import FrontendQueue, QueueState
 from vubackend.frontend._raw import RawOutcome, RawReply, frame
 from vubackend.frontend._results import DeviceStateReply, InflightBuffer
@@ -79,12 +91,18 @@ __all__ = [
     "InflightBuffer",
     "NetDriver",
     "PackedDriverRing",
+    "PostcopyClient",
+    "PostcopyPager",
+    "PostcopyStats",
     "QueueState",
     "RamRegion",
     "RawOutcome",
     "RawReply",
     "RngDriver",
     "SplitDriverRing",
+    "UffdEvent",
+    "Userfaultfd",
     "frame",
     "make_driver_ring",
+    "userfaultfd_unavailable",
 ]

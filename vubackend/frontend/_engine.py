@@ -31,6 +31,7 @@ from vubackend.errors import (
     LocalProtocolError,
     PeerDisconnectedError,
     RemoteProtocolError,
+    RequestRefusedError,
     TransportError,
     VhostUserError,
 )
@@ -241,10 +242,10 @@ class RequestEngine:
                 f"{request.name}: REPLY_ACK is not a u64", request=int(request)
             )
         if payload.value != 0:
-            raise RemoteProtocolError(
+            raise RequestRefusedError(
                 f"{request.name}: the backend refused it (REPLY_ACK {payload.value})",
                 request=int(request),
-                recoverable=True,
+                code=payload.value,
             )
 
     def _u64_reply(self, request: FrontendReq, payload: Payload | None = None) -> int:

@@ -19,6 +19,13 @@
 #   caller wants (plus bit 30 when offered).
 # - Raw mode lives beside the typed engine; reading raw bytes puts the typed
 #   engine out of step, so it is marked broken then.
+# - Postcopy follows QEMU's destination (§4.8): enter_postcopy() = ADVISE
+#   (the backend's uffd goes to a PostcopyPager, whose fault thread starts),
+#   LISTEN, then the memory requests, whose client bases reach the pager
+#   before QEMU's answer; leave_postcopy() places what is left, sends END
+#   and closes the pager. The frontend owns the pager. A backend that echoes
+#   our own addresses as its bases (libvhost-user does) has its real ones
+#   read from its /proc/<pid>/maps (pid from SO_PEERCRED).
 
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from vubackend.frontend._channel import BackendChannel, BackendHook
 from vubackend.frontend._dirty_log import DirtyLogBuffer
 from vubackend.frontend._engine import DEFAULT_TIMEOUT
 from vubackend.frontend._memory import GuestRam
+from vubackend.frontend._postcopy import PostcopyPager, peer_pid
 from vubackend.frontend._queue import FrontendQueue, QueueState
 from vubackend.frontend._raw import RawReply, read_raw
 from vubackend.frontend._requests import Requests
@@ -129,6 +137,7 @@ class Frontend(Requests):
         self._queues: dict[int, FrontendQueue] = {}
         self._channel: BackendChannel | None = None
         self._log: DirtyLogBuffer | None = None
+        self._postcopy: PostcopyPager | None = None
         self._closed = False
         self.max_queues: int | None = None
         """GET_QUEUE_NUM's answer after :meth:`handshake` (None without MQ)."""
@@ -374,6 +383,103 @@ class Frontend(Requests):
             self.postcopy_bases = {
                 r.gpa: b for r, b in zip(ram.regions, bases, strict=True)
             }
+
+    # ------------------------------------------------------------ postcopy
+
+    @property
+    def postcopy(self) -> PostcopyPager | None:
+        """The pager serving the backend's page faults, between
+        :meth:`enter_postcopy` and :meth:`leave_postcopy`."""
+        return self._postcopy
+
+    def enter_postcopy(
+        self, ram: GuestRam, *, use_add_mem_reg: bool | None = None
+    ) -> PostcopyPager:
+        """Become a postcopy destination as QEMU does (PAGEFAULT, §4.8):
+        POSTCOPY_ADVISE, whose userfaultfd a new :class:`PostcopyPager` over
+        ``ram`` serves from a fault thread; POSTCOPY_LISTEN; then
+        :meth:`share_memory` in postcopy mode (the backend's region
+        addresses reach the pager before QEMU's answer). Then make pages
+        missing with the pager's ``stage``/``evict``.
+
+        Args:
+            ram: the memory to share (owned by the frontend from now on,
+                even on failure).
+            use_add_mem_reg: as for :meth:`share_memory`.
+
+        Returns:
+            The pager (owned by the frontend).
+
+        Raises:
+            LocalProtocolError: memory was shared already (LISTEN needs a
+                backend without regions) or postcopy is on already.
+            MappingError: userfaultfd is unavailable here.
+        """
+        if self._ram is not None or self._postcopy is not None:
+            ram.close()
+            raise LocalProtocolError(
+                "enter_postcopy: the backend must have no memory yet and no "
+                "postcopy in progress"
+            )
+        try:
+            pager = PostcopyPager(ram)
+        except BaseException:
+            ram.close()
+            raise
+        self._postcopy = pager
+        try:
+            pager.attach(self.postcopy_advise())
+            pager.start()
+            self.postcopy_listen()
+        except BaseException:
+            self._postcopy = None
+            pager.close()
+            ram.close()
+            raise
+        self.share_memory(ram, use_add_mem_reg=use_add_mem_reg)
+        return pager
+
+    def leave_postcopy(self, *, place_remaining: bool = True) -> None:
+        """End postcopy: place the pages still missing (the migration
+        completes), POSTCOPY_END, then stop and close the pager.
+
+        Args:
+            place_remaining: place the missing pages first (False leaves
+                them missing: a backend touching one then blocks until it
+                closes its userfaultfd).
+
+        Raises:
+            LocalProtocolError: postcopy is not on.
+        """
+        pager = self._postcopy
+        if pager is None:
+            raise LocalProtocolError("leave_postcopy: postcopy is not on")
+        try:
+            if place_remaining:
+                pager.place_all()
+            self.postcopy_end()
+        finally:
+            self._postcopy = None
+            pager.close()
+
+    def _postcopy_regions_mapped(self, bases: dict[int, int]) -> dict[int, int]:
+        pager = self._postcopy
+        ram = self._ram
+        if (
+            pager is not None
+            and ram is not None
+            and all(ram.faddr(gpa) == address for gpa, address in bases.items())
+        ):
+            # The backend echoed our own addresses (libvhost-user does): find
+            # its real ones in its /proc/<pid>/maps, or faults cannot be mapped.
+            pid = peer_pid(self._conn.fileno())
+            found = pager.bases_in_process(pid) if pid is not None else {}
+            bases = {gpa: found.get(gpa, address) for gpa, address in bases.items()}
+        if pager is not None:
+            for client in pager.clients:
+                for gpa, address in bases.items():
+                    client.set_base(gpa, address)
+        return bases
 
     # ------------------------------------------------------------ queues
 
@@ -649,7 +755,8 @@ class Frontend(Requests):
 
     def close(self) -> None:
         """Close everything the frontend owns: the backend channel, the
-        queues and their eventfds, the dirty log, the RAM and the socket.
+        queues and their eventfds, the postcopy pager, the dirty log, the
+        RAM and the socket.
         Idempotent; never raises for a backend that is already gone."""
         if self._closed:
             return
@@ -659,6 +766,9 @@ class Frontend(Requests):
         for queue in self._queues.values():
             queue.close()
         self._queues.clear()
+        if self._postcopy is not None:
+            self._postcopy.close()
+            self._postcopy = None
         if self._log is not None:
             self._log.close()
         if self._ram is not None:

@@ -114,8 +114,10 @@ class Requests(RequestEngine):
             region (what faults are reported at); otherwise None.
         """
         table = MemoryTable(tuple(_region(r) for r in regions))
-        reply = self.request(_F.SET_MEM_TABLE, table, fds=[r.fd for r in regions])
-        return self._postcopy_bases(_F.SET_MEM_TABLE, reply)
+        fds = [r.fd for r in regions]
+        with self._lock:
+            reply = self._memory_request(_F.SET_MEM_TABLE, table, fds)
+            return self._postcopy_bases(_F.SET_MEM_TABLE, reply)
 
     def add_mem_region(self, region: RamRegion) -> int | None:
         """ADD_MEM_REG: add one region (CONFIGURE_MEM_SLOTS).
@@ -124,10 +126,10 @@ class Requests(RequestEngine):
             In postcopy listening mode, the backend's address of the region;
             otherwise None.
         """
-        reply = self.request(
-            _F.ADD_MEM_REG, SingleMemoryRegion(_region(region)), fds=[region.fd]
-        )
-        bases = self._postcopy_bases(_F.ADD_MEM_REG, reply)
+        payload = SingleMemoryRegion(_region(region))
+        with self._lock:
+            reply = self._memory_request(_F.ADD_MEM_REG, payload, [region.fd])
+            bases = self._postcopy_bases(_F.ADD_MEM_REG, reply)
         return None if bases is None else bases[0]
 
     def remove_mem_region(self, region: RamRegion) -> None:
@@ -137,6 +139,23 @@ class Requests(RequestEngine):
     def get_max_mem_slots(self) -> int:
         """GET_MAX_MEM_SLOTS: how many regions the backend can hold."""
         return self._u64_reply(_F.GET_MAX_MEM_SLOTS)
+
+    def _memory_request(
+        self,
+        request: FrontendReq,
+        payload: MemoryTable | SingleMemoryRegion,
+        fds: Sequence[int],
+    ) -> Message | None:
+        # In postcopy listening mode QEMU sends the memory requests without
+        # NEED_REPLY: the reply is the table, then comes QEMU's answer and no
+        # ack (libvhost-user would echo NEED_REPLY in the table's flags).
+        if not self._conn.decoder.postcopy:
+            return self.request(request, payload, fds=fds)
+        saved, self.need_reply = self.need_reply, False
+        try:
+            return self.request(request, payload, fds=fds)
+        finally:
+            self.need_reply = saved
 
     def _postcopy_bases(
         self, request: FrontendReq, reply: Message | None
@@ -151,6 +170,11 @@ class Requests(RequestEngine):
             regions = (payload.region,)
         else:
             raise self._fail_reply(request, "the postcopy reply holds no regions")
+        # Register the client bases with the fault handling before the
+        # answer: from the answer on the backend may fault (QEMU does so).
+        bases = self._postcopy_regions_mapped(
+            {r.guest_phys_addr: r.userspace_addr for r in regions}
+        )
         # QEMU's answer: the same request id, a u64 0, flags = version only.
         self._conn.send_raw(
             int(request).to_bytes(4, "little")
@@ -158,7 +182,14 @@ class Requests(RequestEngine):
             + (8).to_bytes(4, "little")
             + (0).to_bytes(8, "little")
         )
-        return tuple(r.userspace_addr for r in regions)
+        return tuple(bases[r.guest_phys_addr] for r in regions)
+
+    def _postcopy_regions_mapped(self, bases: dict[int, int]) -> dict[int, int]:
+        """Hook: the backend answered a memory request in postcopy mode with
+        its address of each region (GPA -> address); called before QEMU's
+        answer is sent. Returns the bases to use (the Frontend corrects
+        echoed ones and hands them to its fault handling)."""
+        return bases
 
     # ------------------------------------------------------------ dirty log
 
