@@ -27,3 +27,89 @@ uint8_t vu_or_u8(uint8_t *base, size_t off, uint8_t mask);
 
 void vu_copy(uint8_t *dst, size_t dst_off, const uint8_t *src, size_t src_off,
              size_t n);
+
+/* ---------------------------------------------------------------- ring walks
+ *
+ * Batch operations on virtqueues (ABI 2). The rules of the hot loops are in
+ * native.c ("Ring walks"); in short: every guest-controlled number (index,
+ * address, length, flag) is checked here, in C, against the region table and
+ * the queue size, with overflow-safe arithmetic; each descriptor is read once
+ * into a local. The facade checks what Python hands in (table, buffers,
+ * capacities, queue size) before the call.
+ */
+
+typedef struct {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+} vu_region;
+
+/* Sizes and limits (the facade checks them against its own at import). */
+static const int VU_CHAIN_WORDS;
+static const int VU_STATE_WORDS;
+static const int VU_MAX_QUEUE_SIZE;
+static const int VU_MAX_INDIRECT;
+static const int VU_MAX_CHAIN_SEGMENTS;
+
+/* Ring flags (the `flags` argument). */
+static const int VU_RING_INDIRECT;
+static const int VU_RING_AVAIL_EVENT;
+static const int VU_RING_IN_ORDER;
+
+/* Words of the state array (uint64_t state[VU_STATE_WORDS]). */
+static const int VU_S_NEXT_AVAIL;
+static const int VU_S_AVAIL_WRAP;
+static const int VU_S_NEXT_USED;
+static const int VU_S_USED_WRAP;
+static const int VU_S_COUNT;
+static const int VU_S_SEGS;
+static const int VU_S_FAULT;
+static const int VU_S_DETAIL;
+static const int VU_S_WHERE;
+static const int VU_S_AVAIL_IDX;
+
+/* Why a walk stopped (the return value of the pop functions; push functions
+ * return VU_STOP_EMPTY on success). */
+static const int VU_STOP_EMPTY;
+static const int VU_STOP_LIMIT;
+static const int VU_STOP_FULL;
+static const int VU_STOP_FAULT;
+static const int VU_STOP_BROKEN;
+static const int VU_STOP_RING;
+
+/* What was wrong with a chain or a used entry (state[VU_S_FAULT]). */
+static const int VU_FAULT_NONE;
+static const int VU_FAULT_HEAD_RANGE;
+static const int VU_FAULT_NEXT_RANGE;
+static const int VU_FAULT_LOOP;
+static const int VU_FAULT_INDIRECT_NOT_NEGOTIATED;
+static const int VU_FAULT_INDIRECT_WITH_NEXT;
+static const int VU_FAULT_INDIRECT_NESTED;
+static const int VU_FAULT_INDIRECT_LEN;
+static const int VU_FAULT_INDIRECT_UNMAPPED;
+static const int VU_FAULT_BUFFER_UNMAPPED;
+static const int VU_FAULT_TOTAL_OVERFLOW;
+static const int VU_FAULT_WRITABLE_ORDER;
+static const int VU_FAULT_TOO_MANY_SEGMENTS;
+static const int VU_FAULT_ID_RANGE;
+static const int VU_FAULT_IN_FLIGHT;
+static const int VU_FAULT_NOT_IN_FLIGHT;
+static const int VU_FAULT_USED_LEN;
+
+int vu_split_pop(const vu_region *regions, uint32_t nregions,
+                 uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa,
+                 uint32_t qsize, uint32_t flags, uint64_t *inflight,
+                 uint32_t *chains, uint32_t max_chains,
+                 uint64_t *segs, uint32_t max_segs, uint64_t *state);
+int vu_split_push(const vu_region *regions, uint32_t nregions,
+                  uint64_t used_gpa, uint32_t qsize, uint32_t flags,
+                  uint64_t *inflight, const uint32_t *entries, uint32_t count,
+                  uint64_t *state);
+int vu_packed_pop(const vu_region *regions, uint32_t nregions,
+                  uint64_t desc_gpa, uint32_t qsize, uint32_t flags,
+                  uint64_t *inflight, uint32_t *chains, uint32_t max_chains,
+                  uint64_t *segs, uint32_t max_segs, uint64_t *state);
+int vu_packed_push(const vu_region *regions, uint32_t nregions,
+                   uint64_t desc_gpa, uint32_t qsize, uint32_t flags,
+                   uint64_t *inflight, const uint32_t *entries, uint32_t count,
+                   uint64_t *state);

@@ -48,12 +48,12 @@ def _run(fake: str) -> str:
         ),
         (
             "types.SimpleNamespace(ffi=None, "
-            "lib=types.SimpleNamespace(VU_NATIVE_ABI=2))",
-            "has ABI 2, this vubackend needs ABI 1",
+            "lib=types.SimpleNamespace(VU_NATIVE_ABI=1))",
+            "has ABI 1, this vubackend needs ABI 2",
         ),
         (
             "types.SimpleNamespace(ffi=None, "
-            "lib=types.SimpleNamespace(VU_NATIVE_ABI=1, vu_copy=len))",
+            "lib=types.SimpleNamespace(VU_NATIVE_ABI=2, vu_copy=len))",
             "lacks vu_fence_acquire, vu_fence_release",
         ),
     ],

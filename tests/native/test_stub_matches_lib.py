@@ -62,7 +62,8 @@ def test_stub_module_exports_ffi_and_lib() -> None:
 
 def test_stub_constants_are_ints() -> None:
     attrs = _stub_attributes()
-    assert attrs == {"VU_NATIVE_ABI": "int"}
+    assert "VU_NATIVE_ABI" in attrs
+    assert set(attrs.values()) == {"int"}
     for name in attrs:
         assert type(getattr(_atomics.lib, name)) is int
 

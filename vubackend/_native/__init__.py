@@ -11,6 +11,12 @@ keeps everyone else out) the few primitives they need:
   with bounds-checked atomic loads/stores, an atomic fetch-or on bytes, and
   copies in and out that run without the GIL.
 * :func:`copy`: a bounds-checked, GIL-free copy between any two buffers.
+* :class:`RegionTable`, :class:`RingWalker`: the batch operations of the
+  virtqueue layer (pop many descriptor chains, push many used elements) in
+  one C call each. The C side checks every guest-controlled number itself
+  (see "Ring walks" in ``_cffi_src/native.c``); this facade checks what
+  Python hands in (table order and bounds, capacities, queue size,
+  positions).
 
 Rules of this module:
 
@@ -18,7 +24,11 @@ Rules of this module:
    offset and check nothing. Every offset, length, value and alignment is
    checked here before the C call: a missed check corrupts memory. Out of range
    (negative offset or length, past the end) raises ``IndexError``;
-   misalignment and out-of-range values raise ``ValueError``.
+   misalignment and out-of-range values raise ``ValueError``. The ring walks
+   split the work: what Python hands in (region table, capacities, queue
+   size, positions) is checked here; what comes from guest memory
+   (indices, addresses, lengths, flags) is checked by the C code itself,
+   against the region table, because only C reads it.
 2. **Natural alignment is of the address, not the offset.** u16/u32 accesses
    are single-copy atomic only when ``base + offset`` is aligned, so the check
    uses the real address (for an mmap, page aligned, it is the offset's).
@@ -54,7 +64,20 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
+    "CHAIN_WORDS",
+    "MAX_CHAIN_SEGMENTS",
+    "MAX_INDIRECT",
+    "MAX_QUEUE_SIZE",
+    "RING_AVAIL_EVENT",
+    "RING_INDIRECT",
+    "RING_IN_ORDER",
     "AtomicView",
+    "PopResult",
+    "PushResult",
+    "RegionTable",
+    "RingFault",
+    "RingStop",
+    "RingWalker",
     "copy",
     "fence_acquire",
     "fence_release",
@@ -62,7 +85,7 @@ __all__ = [
 ]
 
 # The ABI number this facade was written against; native.c defines the same.
-_ABI: Final = 1
+_ABI: Final = 2
 _REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
 
 try:
@@ -97,6 +120,10 @@ _missing = sorted(
         "vu_load_u16_acquire",
         "vu_load_u32_acquire",
         "vu_or_u8",
+        "vu_packed_pop",
+        "vu_packed_push",
+        "vu_split_pop",
+        "vu_split_push",
         "vu_store_u16_release",
         "vu_store_u32_release",
     }
@@ -475,3 +502,22 @@ def copy(
             _unpin(s)
     finally:
         _unpin(d)
+
+
+# The ring walks live in their own module; imported last, once the helper
+# has passed the checks above.
+from vubackend._native._rings import (  # noqa: E402
+    CHAIN_WORDS,
+    MAX_CHAIN_SEGMENTS,
+    MAX_INDIRECT,
+    MAX_QUEUE_SIZE,
+    RING_AVAIL_EVENT,
+    RING_IN_ORDER,
+    RING_INDIRECT,
+    PopResult,
+    PushResult,
+    RegionTable,
+    RingFault,
+    RingStop,
+    RingWalker,
+)

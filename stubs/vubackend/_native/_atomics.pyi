@@ -11,6 +11,47 @@ from cffi import FFI
 
 class _Lib:
     VU_NATIVE_ABI: int
+    VU_CHAIN_WORDS: int
+    VU_STATE_WORDS: int
+    VU_MAX_QUEUE_SIZE: int
+    VU_MAX_INDIRECT: int
+    VU_MAX_CHAIN_SEGMENTS: int
+    VU_RING_INDIRECT: int
+    VU_RING_AVAIL_EVENT: int
+    VU_RING_IN_ORDER: int
+    VU_S_NEXT_AVAIL: int
+    VU_S_AVAIL_WRAP: int
+    VU_S_NEXT_USED: int
+    VU_S_USED_WRAP: int
+    VU_S_COUNT: int
+    VU_S_SEGS: int
+    VU_S_FAULT: int
+    VU_S_DETAIL: int
+    VU_S_WHERE: int
+    VU_S_AVAIL_IDX: int
+    VU_STOP_EMPTY: int
+    VU_STOP_LIMIT: int
+    VU_STOP_FULL: int
+    VU_STOP_FAULT: int
+    VU_STOP_BROKEN: int
+    VU_STOP_RING: int
+    VU_FAULT_NONE: int
+    VU_FAULT_HEAD_RANGE: int
+    VU_FAULT_NEXT_RANGE: int
+    VU_FAULT_LOOP: int
+    VU_FAULT_INDIRECT_NOT_NEGOTIATED: int
+    VU_FAULT_INDIRECT_WITH_NEXT: int
+    VU_FAULT_INDIRECT_NESTED: int
+    VU_FAULT_INDIRECT_LEN: int
+    VU_FAULT_INDIRECT_UNMAPPED: int
+    VU_FAULT_BUFFER_UNMAPPED: int
+    VU_FAULT_TOTAL_OVERFLOW: int
+    VU_FAULT_WRITABLE_ORDER: int
+    VU_FAULT_TOO_MANY_SEGMENTS: int
+    VU_FAULT_ID_RANGE: int
+    VU_FAULT_IN_FLIGHT: int
+    VU_FAULT_NOT_IN_FLIGHT: int
+    VU_FAULT_USED_LEN: int
     def vu_fence_acquire(self, /) -> None: ...
     def vu_fence_release(self, /) -> None: ...
     def vu_fence_seq_cst(self, /) -> None: ...
@@ -29,6 +70,64 @@ class _Lib:
         n: int,
         /,
     ) -> None: ...
+    def vu_split_pop(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        qsize: int,
+        flags: int,
+        inflight: FFI.CData,
+        chains: FFI.CData,
+        max_chains: int,
+        segs: FFI.CData,
+        max_segs: int,
+        state: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_split_push(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        used_gpa: int,
+        qsize: int,
+        flags: int,
+        inflight: FFI.CData,
+        entries: FFI.CData,
+        count: int,
+        state: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_packed_pop(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        desc_gpa: int,
+        qsize: int,
+        flags: int,
+        inflight: FFI.CData,
+        chains: FFI.CData,
+        max_chains: int,
+        segs: FFI.CData,
+        max_segs: int,
+        state: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_packed_push(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        desc_gpa: int,
+        qsize: int,
+        flags: int,
+        inflight: FFI.CData,
+        entries: FFI.CData,
+        count: int,
+        state: FFI.CData,
+        /,
+    ) -> int: ...
 
 ffi: FFI
 lib: _Lib

@@ -1,0 +1,760 @@
+# The ring walks of the native helper: RegionTable (the guest memory regions,
+# pinned, in the C layout) and RingWalker (one queue's in-flight table and
+# output arrays, and the four batch calls: pop and push, split and packed).
+#
+# Rules of this module:
+# - Imported by vubackend._native after the helper passed its ABI checks;
+#   uses the compiled module directly (from vubackend._native import
+#   _atomics), like the package facade.
+# - What the C side checks is listed in _cffi_src/native.c ("Ring walks"):
+#   everything that comes from guest memory. What is checked here, before
+#   each call: the region table is live, sorted, non-overlapping and below
+#   2**64; the queue size is 1..32768 (a power of two for split rings);
+#   positions, addresses and flags are in range; the output arrays and the
+#   in-flight table are the walker's own, sized for the counts passed.
+# - The numbers shared with C (sizes, flags, state words, stop and fault
+#   codes) are checked against the compiled module at import; a mismatch is
+#   a NativeHelperError.
+# - Calls on one walker, and release() of a table, must not race: the queue
+#   that owns them serialises its calls (VringMutex / VringRwLock).
+
+from __future__ import annotations
+
+import enum
+from array import array
+from typing import TYPE_CHECKING, Final, NamedTuple, final
+
+from vubackend._native import _atomics
+from vubackend.errors import NativeHelperError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cffi import FFI
+    from typing_extensions import Buffer
+
+__all__ = [
+    "CHAIN_WORDS",
+    "MAX_CHAIN_SEGMENTS",
+    "MAX_INDIRECT",
+    "MAX_QUEUE_SIZE",
+    "RING_AVAIL_EVENT",
+    "RING_INDIRECT",
+    "RING_IN_ORDER",
+    "PopResult",
+    "PushResult",
+    "RegionTable",
+    "RingFault",
+    "RingStop",
+    "RingWalker",
+]
+
+_REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
+_ffi: Final = _atomics.ffi
+_lib: Final = _atomics.lib
+_from_buffer: Final = _ffi.from_buffer
+_unpin: Final = _ffi.release
+_split_pop: Final = _lib.vu_split_pop
+_split_push: Final = _lib.vu_split_push
+_packed_pop: Final = _lib.vu_packed_pop
+_packed_push: Final = _lib.vu_packed_push
+
+
+def _pin(buffer: Buffer, what: str) -> FFI.CData:
+    """Pin a writable, C-contiguous buffer as ``uint8_t[]`` with a clear error."""
+    try:
+        return _from_buffer("uint8_t[]", buffer, require_writable=True)
+    except (BufferError, TypeError) as exc:
+        raise TypeError(
+            f"{what} must be a writable C-contiguous buffer, got "
+            f"{type(buffer).__name__}: {exc}"
+        ) from exc
+
+
+CHAIN_WORDS: Final = 8
+"""u32 words per chain record of :attr:`PopResult.chains`: ``id`` (split
+head or packed buffer id), ``slots`` (ring slots the chain took; 1 for split),
+``first_seg``, ``nsegs``, ``nread_segs`` (readable segments come first),
+``readable_len``, ``writable_len``, ``descriptors`` (buffer descriptors)."""
+MAX_QUEUE_SIZE: Final = 32768
+MAX_INDIRECT: Final = 32768
+MAX_CHAIN_SEGMENTS: Final = 4096
+_STATE_WORDS: Final = 16
+
+RING_INDIRECT: Final = 1
+"""Ring flag: indirect descriptors were negotiated."""
+RING_AVAIL_EVENT: Final = 2
+"""Ring flag (split pops): write ``avail_event`` as the device consumes, with
+the full fence and re-check of §5.4 rule 6 when the ring runs empty."""
+RING_IN_ORDER: Final = 4
+"""Ring flag (packed pushes): fold used entries of length 0 into the next one
+(VIRTIO_F_IN_ORDER, one used descriptor per run)."""
+
+# Words of the state array.
+_S_NEXT_AVAIL: Final = 0
+_S_AVAIL_WRAP: Final = 1
+_S_NEXT_USED: Final = 2
+_S_USED_WRAP: Final = 3
+_S_COUNT: Final = 4
+_S_SEGS: Final = 5
+_S_FAULT: Final = 6
+_S_DETAIL: Final = 7
+_S_WHERE: Final = 8
+_S_AVAIL_IDX: Final = 9
+
+_U64_LIMIT: Final = 1 << 64
+# Segment words carry the region index in bits 32..62.
+_MAX_REGIONS: Final = 0x7FFF_FFFF
+_INFLIGHT_FREE: Final = (1 << 64) - 1
+
+
+class RingStop(enum.IntEnum):
+    """Why a native pop stopped (the C ``VU_STOP_*`` values)."""
+
+    EMPTY = 0
+    """The ring has no more available chains (pushes: success)."""
+    LIMIT = 1
+    """``max_chains`` chains were popped."""
+    FULL = 2
+    """The next chain did not fit in the segment array; call again."""
+    FAULT = 3
+    """The next chain (or a used entry) is malformed; it was not consumed."""
+    BROKEN = 4
+    """Split: ``avail.idx`` moved more than the queue size ahead."""
+    RING = 5
+    """A ring part is not inside one memory region, or not aligned in host
+    memory; ``detail`` is its guest address."""
+
+
+class RingFault(enum.IntEnum):
+    """What was wrong with a chain or a used entry (the C ``VU_FAULT_*``)."""
+
+    NONE = 0
+    HEAD_RANGE = 1
+    NEXT_RANGE = 2
+    LOOP = 3
+    INDIRECT_NOT_NEGOTIATED = 4
+    INDIRECT_WITH_NEXT = 5
+    INDIRECT_NESTED = 6
+    INDIRECT_LEN = 7
+    INDIRECT_UNMAPPED = 8
+    BUFFER_UNMAPPED = 9
+    TOTAL_OVERFLOW = 10
+    WRITABLE_ORDER = 11
+    TOO_MANY_SEGMENTS = 12
+    ID_RANGE = 13
+    IN_FLIGHT = 14
+    NOT_IN_FLIGHT = 15
+    USED_LEN = 16
+
+
+def _check_ring_constants() -> None:
+    # The numbers above must be the C ones: a mismatch would make Python
+    # misread every result. Checked once, at import.
+    pairs = [
+        ("VU_CHAIN_WORDS", CHAIN_WORDS, _lib.VU_CHAIN_WORDS),
+        ("VU_STATE_WORDS", _STATE_WORDS, _lib.VU_STATE_WORDS),
+        ("VU_MAX_QUEUE_SIZE", MAX_QUEUE_SIZE, _lib.VU_MAX_QUEUE_SIZE),
+        ("VU_MAX_INDIRECT", MAX_INDIRECT, _lib.VU_MAX_INDIRECT),
+        ("VU_MAX_CHAIN_SEGMENTS", MAX_CHAIN_SEGMENTS, _lib.VU_MAX_CHAIN_SEGMENTS),
+        ("VU_RING_INDIRECT", RING_INDIRECT, _lib.VU_RING_INDIRECT),
+        ("VU_RING_AVAIL_EVENT", RING_AVAIL_EVENT, _lib.VU_RING_AVAIL_EVENT),
+        ("VU_RING_IN_ORDER", RING_IN_ORDER, _lib.VU_RING_IN_ORDER),
+        ("VU_S_NEXT_AVAIL", _S_NEXT_AVAIL, _lib.VU_S_NEXT_AVAIL),
+        ("VU_S_AVAIL_WRAP", _S_AVAIL_WRAP, _lib.VU_S_AVAIL_WRAP),
+        ("VU_S_NEXT_USED", _S_NEXT_USED, _lib.VU_S_NEXT_USED),
+        ("VU_S_USED_WRAP", _S_USED_WRAP, _lib.VU_S_USED_WRAP),
+        ("VU_S_COUNT", _S_COUNT, _lib.VU_S_COUNT),
+        ("VU_S_SEGS", _S_SEGS, _lib.VU_S_SEGS),
+        ("VU_S_FAULT", _S_FAULT, _lib.VU_S_FAULT),
+        ("VU_S_DETAIL", _S_DETAIL, _lib.VU_S_DETAIL),
+        ("VU_S_WHERE", _S_WHERE, _lib.VU_S_WHERE),
+        ("VU_S_AVAIL_IDX", _S_AVAIL_IDX, _lib.VU_S_AVAIL_IDX),
+        ("VU_STOP_EMPTY", RingStop.EMPTY, _lib.VU_STOP_EMPTY),
+        ("VU_STOP_LIMIT", RingStop.LIMIT, _lib.VU_STOP_LIMIT),
+        ("VU_STOP_FULL", RingStop.FULL, _lib.VU_STOP_FULL),
+        ("VU_STOP_FAULT", RingStop.FAULT, _lib.VU_STOP_FAULT),
+        ("VU_STOP_BROKEN", RingStop.BROKEN, _lib.VU_STOP_BROKEN),
+        ("VU_STOP_RING", RingStop.RING, _lib.VU_STOP_RING),
+        ("VU_FAULT_NONE", RingFault.NONE, _lib.VU_FAULT_NONE),
+        ("VU_FAULT_HEAD_RANGE", RingFault.HEAD_RANGE, _lib.VU_FAULT_HEAD_RANGE),
+        ("VU_FAULT_NEXT_RANGE", RingFault.NEXT_RANGE, _lib.VU_FAULT_NEXT_RANGE),
+        ("VU_FAULT_LOOP", RingFault.LOOP, _lib.VU_FAULT_LOOP),
+        (
+            "VU_FAULT_INDIRECT_NOT_NEGOTIATED",
+            RingFault.INDIRECT_NOT_NEGOTIATED,
+            _lib.VU_FAULT_INDIRECT_NOT_NEGOTIATED,
+        ),
+        (
+            "VU_FAULT_INDIRECT_WITH_NEXT",
+            RingFault.INDIRECT_WITH_NEXT,
+            _lib.VU_FAULT_INDIRECT_WITH_NEXT,
+        ),
+        (
+            "VU_FAULT_INDIRECT_NESTED",
+            RingFault.INDIRECT_NESTED,
+            _lib.VU_FAULT_INDIRECT_NESTED,
+        ),
+        ("VU_FAULT_INDIRECT_LEN", RingFault.INDIRECT_LEN, _lib.VU_FAULT_INDIRECT_LEN),
+        (
+            "VU_FAULT_INDIRECT_UNMAPPED",
+            RingFault.INDIRECT_UNMAPPED,
+            _lib.VU_FAULT_INDIRECT_UNMAPPED,
+        ),
+        (
+            "VU_FAULT_BUFFER_UNMAPPED",
+            RingFault.BUFFER_UNMAPPED,
+            _lib.VU_FAULT_BUFFER_UNMAPPED,
+        ),
+        (
+            "VU_FAULT_TOTAL_OVERFLOW",
+            RingFault.TOTAL_OVERFLOW,
+            _lib.VU_FAULT_TOTAL_OVERFLOW,
+        ),
+        (
+            "VU_FAULT_WRITABLE_ORDER",
+            RingFault.WRITABLE_ORDER,
+            _lib.VU_FAULT_WRITABLE_ORDER,
+        ),
+        (
+            "VU_FAULT_TOO_MANY_SEGMENTS",
+            RingFault.TOO_MANY_SEGMENTS,
+            _lib.VU_FAULT_TOO_MANY_SEGMENTS,
+        ),
+        ("VU_FAULT_ID_RANGE", RingFault.ID_RANGE, _lib.VU_FAULT_ID_RANGE),
+        ("VU_FAULT_IN_FLIGHT", RingFault.IN_FLIGHT, _lib.VU_FAULT_IN_FLIGHT),
+        (
+            "VU_FAULT_NOT_IN_FLIGHT",
+            RingFault.NOT_IN_FLIGHT,
+            _lib.VU_FAULT_NOT_IN_FLIGHT,
+        ),
+        ("VU_FAULT_USED_LEN", RingFault.USED_LEN, _lib.VU_FAULT_USED_LEN),
+    ]
+    wrong = [f"{name} is {c}, expected {py}" for name, py, c in pairs if py != c]
+    if wrong or len(RingFault) != 17 or len(RingStop) != 6:
+        raise NativeHelperError(
+            f"the compiled helper vubackend._native._atomics disagrees with this "
+            f"facade: {'; '.join(wrong) or 'enum sizes'}; {_REMEDY}"
+        )
+
+
+_check_ring_constants()
+
+# Enum members by value: a tuple index is much cheaper than RingStop(n).
+_STOPS: Final = tuple(RingStop)
+_FAULTS: Final = tuple(RingFault)
+
+
+@final
+class RegionTable:
+    """The guest memory regions, pinned, in the form the C ring walks read.
+
+    Build one per memory snapshot and keep it while the snapshot is in use.
+    Each region's buffer is pinned here (a pinned mmap cannot be closed, so
+    the memory stays mapped for as long as the table is alive, whatever
+    happens to the snapshot); :meth:`release` unpins them. Like
+    :meth:`AtomicView.release`, release must not race with a call that uses
+    the table.
+    """
+
+    __slots__ = ("_count", "_gpas", "_pins", "_table")
+
+    def __init__(self, regions: Sequence[tuple[int, Buffer]]) -> None:
+        """Pin the regions.
+
+        Args:
+            regions: ``(gpa, buffer)`` per region, sorted by guest physical
+                address: ``buffer`` is the region's writable, C-contiguous
+                memory (``MappedRegion.view``), ``gpa`` its first guest
+                physical address.
+
+        Raises:
+            TypeError: a buffer is read-only or not C-contiguous.
+            ValueError: a region is empty, starts below 0, ends above 2**64,
+                or is out of order or overlaps the one before it.
+        """
+        pins: list[FFI.CData] = []
+        gpas: list[int] = []
+        if len(regions) > _MAX_REGIONS:
+            raise ValueError(f"{len(regions)} regions; at most {_MAX_REGIONS}")
+        try:
+            end = 0
+            for gpa, buffer in regions:
+                pin = _pin(buffer, "region buffer")
+                pins.append(pin)
+                size = len(pin)
+                if size == 0:
+                    raise ValueError(f"region at {gpa:#x} is empty")
+                if gpa < end:
+                    raise ValueError(
+                        f"region at {gpa:#x} is out of order or overlaps the one "
+                        f"before it (which ends at {end:#x})"
+                    )
+                if gpa + size > _U64_LIMIT:
+                    raise ValueError(f"region at {gpa:#x} runs past 2**64")
+                gpas.append(gpa)
+                end = gpa + size
+            table = _ffi.new("vu_region[]", len(pins))
+            for i, pin in enumerate(pins):
+                table[i].gpa = gpas[i]
+                table[i].size = len(pin)
+                table[i].host = pin
+        except BaseException:
+            for pin in pins:
+                _unpin(pin)
+            raise
+        self._pins = pins
+        self._gpas = gpas
+        self._table = table
+        self._count = len(pins)
+
+    def __len__(self) -> int:
+        return len(self._gpas)
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._count < 0
+
+    def _check(self) -> FFI.CData:
+        if self._count < 0:
+            raise ValueError("region table released")
+        return self._table
+
+    def release(self) -> None:
+        """Unpin every region; the table refuses later use. Idempotent."""
+        if self._count < 0:
+            return
+        self._count = -1
+        for pin in self._pins:
+            _unpin(pin)
+        self._pins = []
+
+    def __repr__(self) -> str:
+        state = "released" if self._count < 0 else f"{self._count} regions"
+        return f"<RegionTable {state}>"
+
+
+class PopResult(NamedTuple):
+    """What a batch pop did.
+
+    Attributes:
+        stop: why it stopped.
+        chains: ``CHAIN_WORDS`` u32 words per popped chain (see
+            :data:`CHAIN_WORDS`).
+        segments: two words per buffer segment: the offset in its region, then
+            ``len | region_index << 32 | writable << 63``.
+        next_avail: the new next-available position (split index, or packed
+            slot).
+        avail_wrap: the new packed available wrap counter (split: 0).
+        avail_idx: split: the last ``avail.idx`` read (packed: 0).
+        fault: with ``stop == FAULT``, what was wrong.
+        detail: the fault's detail (an index, length or address), the
+            ``avail.idx`` that broke the ring, or the ring address for
+            ``stop == RING``.
+        where: with ``stop == FAULT``, the split head index or packed slot of
+            the faulty chain.
+    """
+
+    stop: RingStop
+    chains: list[int]
+    segments: list[int]
+    next_avail: int
+    avail_wrap: int
+    avail_idx: int
+    fault: RingFault
+    detail: int
+    where: int
+
+
+class PushResult(NamedTuple):
+    """What a batch push did.
+
+    Attributes:
+        stop: ``EMPTY`` on success, ``FAULT`` (nothing written) or ``RING``.
+        written: used elements (split) or used descriptors (packed) written.
+        next_used: the new next-used position.
+        used_wrap: the new packed used wrap counter (split: 0).
+        fault: with ``stop == FAULT``, what was wrong with the entry.
+        detail: the entry's id, or the ring address for ``stop == RING``.
+        where: the index of the faulty entry in the batch.
+    """
+
+    stop: RingStop
+    written: int
+    next_used: int
+    used_wrap: int
+    fault: RingFault
+    detail: int
+    where: int
+
+
+def _check_u64(value: int, what: str) -> None:
+    if not 0 <= value < _U64_LIMIT:
+        raise ValueError(f"{what} {value:#x} is not a u64")
+
+
+@final
+class RingWalker:
+    """The native state of one virtqueue: its in-flight table and the output
+    arrays of its batch pops.
+
+    The in-flight table has one u64 per id (split head, packed buffer id):
+    ``2**64 - 1`` when free, else the chain's writable length (bits 0-31) and
+    ring slots (bits 32-47). Pops fill it and pushes check and clear it, so a
+    used entry for an id that is not in flight, or a length above what the
+    chain can hold, is refused. The pure-Python ring code uses the same table
+    through :attr:`inflight`, so the two paths can be mixed on one queue.
+
+    Not thread-safe: the queue that owns it serialises calls.
+    """
+
+    __slots__ = (
+        "_chain_words",
+        "_chains",
+        "_entries",
+        "_inflight_buf",
+        "_inflight_ptr",
+        "_max_chains",
+        "_max_segs",
+        "_packed",
+        "_qsize",
+        "_seg_words",
+        "_segs",
+        "_state",
+        "inflight",
+    )
+
+    FREE: Final = _INFLIGHT_FREE
+    """The in-flight table's value for a free id."""
+
+    def __init__(self, qsize: int, *, packed: bool, max_chains: int = 256) -> None:
+        """Allocate the state of a queue of ``qsize`` entries.
+
+        Args:
+            qsize: the queue size, 1..32768; a power of two unless ``packed``.
+            packed: whether the queue is a packed ring.
+            max_chains: most chains one pop call returns (1..32768).
+
+        Raises:
+            ValueError: a value is out of range.
+        """
+        if not 1 <= qsize <= MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {qsize} is not in 1..{MAX_QUEUE_SIZE}")
+        if not packed and qsize & (qsize - 1):
+            raise ValueError(f"split queue size {qsize} is not a power of two")
+        if not 1 <= max_chains <= MAX_QUEUE_SIZE:
+            raise ValueError(f"max_chains {max_chains} is not in 1..{MAX_QUEUE_SIZE}")
+        self._qsize = qsize
+        self._packed = packed
+        self._max_chains = max_chains
+        self._max_segs = 4 * max_chains + MAX_CHAIN_SEGMENTS
+        self._inflight_buf = bytearray(b"\xff" * (8 * qsize))
+        self.inflight: memoryview = memoryview(self._inflight_buf).cast("Q")
+        """The in-flight table, one u64 per id (see the class docstring)."""
+        self._inflight_ptr = _from_buffer("uint64_t[]", self._inflight_buf)
+        self._chains = _ffi.new("uint32_t[]", max_chains * CHAIN_WORDS)
+        self._chain_words = memoryview(_ffi.buffer(self._chains)).cast("I")
+        self._segs = _ffi.new("uint64_t[]", 2 * self._max_segs)
+        self._seg_words = memoryview(_ffi.buffer(self._segs)).cast("Q")
+        self._state = _ffi.new("uint64_t[]", _STATE_WORDS)
+        self._entries = _ffi.new("uint32_t[]", 2)
+
+    @property
+    def qsize(self) -> int:
+        """The queue size."""
+        return self._qsize
+
+    @property
+    def packed(self) -> bool:
+        """Whether this walker serves a packed ring."""
+        return self._packed
+
+    def clear_inflight(self) -> None:
+        """Mark every id free (a ring reset or a new base)."""
+        self._inflight_buf[:] = b"\xff" * len(self._inflight_buf)
+
+    # ------------------------------------------------------------ pops
+
+    def _pop_args(self, table: RegionTable, max_chains: int, flags: int) -> int:
+        if not 0 <= flags <= RING_INDIRECT | RING_AVAIL_EVENT | RING_IN_ORDER:
+            raise ValueError(f"ring flags {flags:#x} are unknown")
+        if max_chains < 1:
+            raise ValueError(f"max_chains {max_chains} is below 1")
+        table._check()
+        return min(max_chains, self._max_chains)
+
+    def _pop_result(self, stop: int) -> PopResult:
+        st = self._state
+        count = st[_S_COUNT]
+        nsegs = st[_S_SEGS]
+        return PopResult(
+            _STOPS[stop],
+            self._chain_words[: count * CHAIN_WORDS].tolist(),
+            self._seg_words[: 2 * nsegs].tolist(),
+            st[_S_NEXT_AVAIL],
+            st[_S_AVAIL_WRAP],
+            st[_S_AVAIL_IDX],
+            _FAULTS[st[_S_FAULT]],
+            st[_S_DETAIL],
+            st[_S_WHERE],
+        )
+
+    def split_pop(
+        self,
+        table: RegionTable,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        next_avail: int,
+        *,
+        flags: int,
+        max_chains: int,
+    ) -> PopResult:
+        """Pop up to ``max_chains`` chains from a split ring.
+
+        Args:
+            table: the memory regions (live).
+            desc_gpa: guest address of the descriptor table.
+            avail_gpa: guest address of the available ring.
+            used_gpa: guest address of the used ring (``avail_event`` lives
+                at its end).
+            next_avail: the index of the next chain to pop (u16).
+            flags: ``RING_INDIRECT`` and/or ``RING_AVAIL_EVENT``.
+            max_chains: most chains to pop (capped at the walker's limit).
+
+        Returns:
+            What happened; the chains and segments are copies.
+
+        Raises:
+            ValueError: the walker serves a packed ring, the table was
+                released, or an argument is out of range.
+        """
+        if self._packed:
+            raise ValueError("split_pop on a packed walker")
+        count = self._pop_args(table, max_chains, flags)
+        if not (
+            0 <= desc_gpa < _U64_LIMIT
+            and 0 <= avail_gpa < _U64_LIMIT
+            and 0 <= used_gpa < _U64_LIMIT
+        ):
+            _check_u64(desc_gpa, "descriptor table address")
+            _check_u64(avail_gpa, "available ring address")
+            _check_u64(used_gpa, "used ring address")
+        if not 0 <= next_avail <= 0xFFFF:
+            raise ValueError(f"next_avail {next_avail} is not a u16")
+        st = self._state
+        st[_S_NEXT_AVAIL] = next_avail
+        stop = _split_pop(
+            table._table,
+            table._count,
+            desc_gpa,
+            avail_gpa,
+            used_gpa,
+            self._qsize,
+            flags,
+            self._inflight_ptr,
+            self._chains,
+            count,
+            self._segs,
+            self._max_segs,
+            st,
+        )
+        return self._pop_result(stop)
+
+    def packed_pop(
+        self,
+        table: RegionTable,
+        desc_gpa: int,
+        next_avail: int,
+        avail_wrap: int,
+        *,
+        flags: int,
+        max_chains: int,
+    ) -> PopResult:
+        """Pop up to ``max_chains`` chains from a packed ring.
+
+        Args:
+            table: the memory regions (live).
+            desc_gpa: guest address of the descriptor ring.
+            next_avail: the slot of the next chain to pop (< queue size).
+            avail_wrap: the device's available wrap counter (0 or 1).
+            flags: ``RING_INDIRECT`` or 0.
+            max_chains: most chains to pop (capped at the walker's limit).
+
+        Returns:
+            What happened; the chains and segments are copies.
+
+        Raises:
+            ValueError: the walker serves a split ring, the table was
+                released, or an argument is out of range.
+        """
+        if not self._packed:
+            raise ValueError("packed_pop on a split walker")
+        count = self._pop_args(table, max_chains, flags)
+        _check_u64(desc_gpa, "descriptor ring address")
+        if not 0 <= next_avail < self._qsize:
+            raise ValueError(f"next_avail {next_avail} is not below {self._qsize}")
+        if avail_wrap not in (0, 1):
+            raise ValueError(f"wrap counter {avail_wrap} is not 0 or 1")
+        st = self._state
+        st[_S_NEXT_AVAIL] = next_avail
+        st[_S_AVAIL_WRAP] = avail_wrap
+        stop = _packed_pop(
+            table._table,
+            table._count,
+            desc_gpa,
+            self._qsize,
+            flags,
+            self._inflight_ptr,
+            self._chains,
+            count,
+            self._segs,
+            self._max_segs,
+            st,
+        )
+        return self._pop_result(stop)
+
+    # ------------------------------------------------------------ pushes
+
+    def _entries_for(self, entries: Sequence[int]) -> tuple[FFI.CData, int, object]:
+        # (pointer, count, keep-alive) for a flat (id, len, id, len, ...) list.
+        if len(entries) % 2:
+            raise ValueError("used entries must be (id, len) pairs")
+        if len(entries) == 2:
+            buf = self._entries
+            ident, length = entries
+            if not (0 <= ident <= 0xFFFF_FFFF and 0 <= length <= 0xFFFF_FFFF):
+                raise ValueError(f"used entry ({ident}, {length}) is not two u32s")
+            buf[0] = ident
+            buf[1] = length
+            return buf, 1, None
+        try:
+            words = array("I", entries)
+        except OverflowError as exc:
+            raise ValueError(f"used entries must be u32s: {exc}") from exc
+        if words.itemsize != 4:  # pragma: no cover - every Linux ABI has 4
+            raise ValueError("array('I') is not 32-bit on this platform")
+        if not words:
+            return self._entries, 0, None
+        return _from_buffer("uint32_t[]", words), len(words) // 2, words
+
+    def _push_result(self, stop: int) -> PushResult:
+        st = self._state
+        return PushResult(
+            _STOPS[stop],
+            st[_S_COUNT],
+            st[_S_NEXT_USED],
+            st[_S_USED_WRAP],
+            _FAULTS[st[_S_FAULT]],
+            st[_S_DETAIL],
+            st[_S_WHERE],
+        )
+
+    def split_push(
+        self, table: RegionTable, used_gpa: int, next_used: int, entries: Sequence[int]
+    ) -> PushResult:
+        """Write used elements into a split ring and publish ``used.idx``.
+
+        All entries are checked (id in range and in flight, length at most
+        the chain's writable bytes, no id twice) before anything is written;
+        one bad entry writes nothing.
+
+        Args:
+            table: the memory regions (live).
+            used_gpa: guest address of the used ring.
+            next_used: the used index to write at (u16).
+            entries: ``(id, len)`` pairs, flattened.
+
+        Returns:
+            What happened.
+
+        Raises:
+            ValueError: the walker serves a packed ring, the table was
+                released, or an argument is out of range.
+        """
+        if self._packed:
+            raise ValueError("split_push on a packed walker")
+        table._check()
+        _check_u64(used_gpa, "used ring address")
+        if not 0 <= next_used <= 0xFFFF:
+            raise ValueError(f"next_used {next_used} is not a u16")
+        ptr, count, keep = self._entries_for(entries)
+        st = self._state
+        st[_S_NEXT_USED] = next_used
+        stop = _split_push(
+            table._table,
+            table._count,
+            used_gpa,
+            self._qsize,
+            0,
+            self._inflight_ptr,
+            ptr,
+            count,
+            st,
+        )
+        del keep
+        return self._push_result(stop)
+
+    def packed_push(
+        self,
+        table: RegionTable,
+        desc_gpa: int,
+        next_used: int,
+        used_wrap: int,
+        entries: Sequence[int],
+        *,
+        flags: int,
+    ) -> PushResult:
+        """Write used descriptors into a packed ring: ids and lengths, a
+        release fence, then the flags, the first descriptor's last.
+
+        All entries are checked before anything is written, as in
+        :meth:`split_push`.
+
+        Args:
+            table: the memory regions (live).
+            desc_gpa: guest address of the descriptor ring.
+            next_used: the slot to write at (< queue size).
+            used_wrap: the device's used wrap counter (0 or 1).
+            entries: ``(id, len)`` pairs, flattened.
+            flags: ``RING_IN_ORDER`` or 0.
+
+        Returns:
+            What happened.
+
+        Raises:
+            ValueError: the walker serves a split ring, the table was
+                released, or an argument is out of range.
+        """
+        if not self._packed:
+            raise ValueError("packed_push on a split walker")
+        table._check()
+        _check_u64(desc_gpa, "descriptor ring address")
+        if not 0 <= next_used < self._qsize:
+            raise ValueError(f"next_used {next_used} is not below {self._qsize}")
+        if used_wrap not in (0, 1):
+            raise ValueError(f"wrap counter {used_wrap} is not 0 or 1")
+        if flags not in (0, RING_IN_ORDER):
+            raise ValueError(f"packed push flags {flags:#x} are unknown")
+        ptr, count, keep = self._entries_for(entries)
+        st = self._state
+        st[_S_NEXT_USED] = next_used
+        st[_S_USED_WRAP] = used_wrap
+        stop = _packed_push(
+            table._table,
+            table._count,
+            desc_gpa,
+            self._qsize,
+            flags,
+            self._inflight_ptr,
+            ptr,
+            count,
+            st,
+        )
+        del keep
+        return self._push_result(stop)
+
+    def __repr__(self) -> str:
+        kind = "packed" if self._packed else "split"
+        return f"<RingWalker {kind} size={self._qsize}>"

@@ -1,0 +1,532 @@
+# Queue: one virtqueue's configuration and positions, and the ring engine
+# (SplitRing or PackedRing) built from them.
+#
+# Rules of this module:
+# - Configuration arrives piecemeal (SET_FEATURES, SET_VRING_NUM,
+#   SET_VRING_BASE, SET_VRING_ADDR, then a kick): each setter checks what it
+#   can on its own (range, alignment) and raises RingStateError; the full
+#   rules (power-of-two size for split rings, every ring part inside guest
+#   memory with the EVENT_IDX extra bytes) are checked when the engine is
+#   built, at the first data-path call after a change, and again whenever
+#   the memory snapshot changes.
+# - Any configuration change drops the engine after saving its positions;
+#   the next data-path call builds a new one. Stop and restart (GET_VRING_BASE,
+#   then SET_VRING_*) therefore works any number of times.
+# - A split ring's next used index comes from guest memory (used.idx) when
+#   the engine is first built after a reset or SET_VRING_BASE, unless
+#   set_next_used() said otherwise (libvhost-user does the same).
+# - The in-flight table lives in a RingWalker kept across engine rebuilds of
+#   the same size and kind; SET_VRING_BASE and reset() clear it (chains
+#   popped before are forgotten: the frontend rewinds to the base it gives).
+# - Not thread-safe: VringMutex / VringRwLock serialise access.
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, final
+
+from vubackend._native import RingWalker
+from vubackend.bitmap import Bitmap
+from vubackend.errors import RingStateError, UnmappedAddressError
+from vubackend.memory import GuestAddress, GuestMemory
+from vubackend.vring._chain import DescriptorChain
+from vubackend.vring._defs import MAX_QUEUE_SIZE, PACKED_WRAP_BIT, QueueFeatures
+from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
+from vubackend.vring._split import SplitRing, check_split_config
+
+__all__ = ["Queue"]
+
+# Chains one native call returns at most; pop_chains loops for more.
+DEFAULT_BATCH: Final = 256
+
+
+@final
+class Queue:
+    """A virtqueue: its configuration, its positions, and (once ready) the
+    ring it serves.
+
+    Data-path methods take the :class:`~vubackend.memory.GuestMemory`
+    snapshot to work on; :class:`~vubackend.vring.VringState` passes a
+    leased one on every call.
+    """
+
+    __slots__ = (
+        "_addresses",
+        "_avail_wrap",
+        "_engine",
+        "_features",
+        "_log",
+        "_log_addr",
+        "_max_size",
+        "_native",
+        "_next_avail",
+        "_next_used",
+        "_ready",
+        "_size",
+        "_used_explicit",
+        "_used_wrap",
+        "_walker",
+    )
+
+    def __init__(self, max_size: int = MAX_QUEUE_SIZE, *, native: bool = True) -> None:
+        """Create a queue in its reset state.
+
+        Args:
+            max_size: the device's largest queue size, 1..32768; also the
+                size until ``set_size``.
+            native: pop and push batches in the native helper (True) or in
+                the Python reference code (False; slower, same behaviour).
+
+        Raises:
+            RingStateError: ``max_size`` is out of range.
+        """
+        if not 1 <= max_size <= MAX_QUEUE_SIZE:
+            raise RingStateError(
+                f"maximum queue size {max_size} is not in 1..{MAX_QUEUE_SIZE}"
+            )
+        self._max_size = max_size
+        self._native = native
+        self._walker: RingWalker | None = None
+        self._engine: SplitRing | PackedRing | None = None
+        self._log: Bitmap | None = None
+        self._log_addr: int | None = None
+        self._features = QueueFeatures()
+        self.reset()
+
+    # ------------------------------------------------------------ configuration
+
+    def reset(self) -> None:
+        """Back to the reset state: size = maximum, no addresses, positions 0
+        (packed wrap counters 1), not ready, nothing in flight, no ring
+        logging. Features are kept (they belong to the device)."""
+        self._drop(save=False)
+        self._size = self._max_size
+        self._addresses: tuple[int, int, int] | None = None
+        self._ready = False
+        self._next_avail = 0
+        self._avail_wrap = 1
+        self._next_used = 0
+        self._used_wrap = 1
+        self._used_explicit = False
+        self._log = None
+        self._log_addr = None
+        if self._walker is not None:
+            self._walker.clear_inflight()
+
+    def _drop(self, *, save: bool = True) -> None:
+        # Save the engine's positions, then forget it (and unpin its memory).
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if save:
+            if isinstance(engine, SplitRing):
+                self._next_avail = engine.next_avail
+                self._next_used = engine.next_used
+            else:
+                (
+                    self._next_avail,
+                    self._avail_wrap,
+                    self._next_used,
+                    self._used_wrap,
+                ) = engine.positions
+            self._used_explicit = True
+        engine.release()
+
+    @property
+    def max_size(self) -> int:
+        """The device's largest queue size."""
+        return self._max_size
+
+    @property
+    def size(self) -> int:
+        """The configured queue size."""
+        return self._size
+
+    @property
+    def features(self) -> QueueFeatures:
+        """The ring features in force."""
+        return self._features
+
+    @property
+    def ready(self) -> bool:
+        """Whether the queue may be used (started)."""
+        return self._ready
+
+    @property
+    def addresses(self) -> tuple[GuestAddress, GuestAddress, GuestAddress] | None:
+        """(descriptor, driver/avail, device/used) guest addresses, or None."""
+        if self._addresses is None:
+            return None
+        desc, avail, used = self._addresses
+        return GuestAddress(desc), GuestAddress(avail), GuestAddress(used)
+
+    def set_features(self, features: QueueFeatures) -> None:
+        """Set the negotiated ring features (``SET_FEATURES``).
+
+        Args:
+            features: the features.
+        """
+        if features != self._features:
+            self._drop()
+            if features.packed != self._features.packed:
+                self._walker = None
+            self._features = features
+
+    def set_size(self, size: int) -> None:
+        """Set the queue size (``SET_VRING_NUM``).
+
+        Args:
+            size: entries; 1..the maximum, a power of two for split rings.
+
+        Raises:
+            RingStateError: the size breaks a rule; nothing changes.
+        """
+        if not 1 <= size <= self._max_size:
+            raise RingStateError(
+                f"queue size {size} is not in 1..{self._max_size} (the device maximum)"
+            )
+        if not self._features.packed and size & (size - 1):
+            raise RingStateError(f"split queue size {size} is not a power of two")
+        self._drop()
+        self._size = size
+
+    def set_addresses(self, desc: int, avail: int, used: int) -> None:
+        """Set the ring addresses, as guest physical addresses
+        (``SET_VRING_ADDR``, after translating the frontend's addresses).
+
+        For a packed ring ``avail`` is the driver event suppression area and
+        ``used`` the device event suppression area.
+
+        Args:
+            desc: descriptor table (ring), 16-byte aligned.
+            avail: available ring (2-aligned) / driver area (4-aligned).
+            used: used ring / device area, 4-byte aligned.
+
+        Raises:
+            RingStateError: an address is misaligned; nothing changes.
+        """
+        if self._features.packed:
+            check_packed_config(1, desc, avail, used)
+        else:
+            check_split_config(1, desc, avail, used)
+        self._drop()
+        self._addresses = (desc, avail, used)
+
+    def set_ready(self, ready: bool) -> None:
+        """Start (True) or stop (False) the queue.
+
+        Args:
+            ready: the new state.
+        """
+        if not ready:
+            self._drop()
+        self._ready = ready
+
+    def set_log(self, log: Bitmap | None, log_addr: int | None = None) -> None:
+        """Log the device's ring writes (``VHOST_VRING_F_LOG``), or stop.
+
+        Args:
+            log: a bitmap over guest physical addresses (the session's
+                ``DirtyLogSlot``), or None.
+            log_addr: split rings: where the used ring is logged
+                (``log_guest_addr``; None means the used ring's address).
+                Packed rings log at the written addresses.
+        """
+        self._log = log
+        self._log_addr = log_addr
+        engine = self._engine
+        if engine is not None:
+            self._apply_log(engine)
+
+    def _apply_log(self, engine: SplitRing | PackedRing) -> None:
+        if isinstance(engine, SplitRing):
+            used = self._addresses[2] if self._addresses else 0
+            engine.set_log(
+                self._log, used if self._log_addr is None else self._log_addr
+            )
+        else:
+            engine.set_log(self._log)
+
+    # ------------------------------------------------------------ positions
+
+    @property
+    def next_avail(self) -> int:
+        """The next available position (split: u16 index; packed: slot)."""
+        engine = self._engine
+        if isinstance(engine, SplitRing):
+            return engine.next_avail
+        if isinstance(engine, PackedRing):
+            return engine.positions[0]
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """The next used position (split: u16 index; packed: slot)."""
+        engine = self._engine
+        if isinstance(engine, SplitRing):
+            return engine.next_used
+        if isinstance(engine, PackedRing):
+            return engine.positions[2]
+        return self._next_used
+
+    def set_next_avail(self, value: int) -> None:
+        """Set the next available position (packed: slot, wrap counter kept).
+
+        Args:
+            value: u16 (split) or slot below the size (packed).
+
+        Raises:
+            RingStateError: out of range.
+        """
+        if not 0 <= value <= 0xFFFF:
+            raise RingStateError(f"next available index {value} is not a u16")
+        self._drop()
+        self._next_avail = value
+
+    def set_next_used(self, value: int) -> None:
+        """Set the next used position, instead of reading ``used.idx`` from
+        guest memory when the ring starts.
+
+        Args:
+            value: u16 (split) or slot below the size (packed).
+
+        Raises:
+            RingStateError: out of range.
+        """
+        if not 0 <= value <= 0xFFFF:
+            raise RingStateError(f"next used index {value} is not a u16")
+        self._drop()
+        self._next_used = value
+        self._used_explicit = True
+
+    def base(self) -> int:
+        """The ring position for ``GET_VRING_BASE``: split: the next
+        available index; packed: ``avail | avail_wrap << 15 | used << 16 |
+        used_wrap << 31``. Reading it does not disturb a running ring."""
+        engine = self._engine
+        if isinstance(engine, SplitRing):
+            return engine.next_avail
+        if isinstance(engine, PackedRing):
+            avail, avail_wrap, used, used_wrap = engine.positions
+        elif not self._features.packed:
+            return self._next_avail
+        else:
+            avail, avail_wrap = self._next_avail, self._avail_wrap
+            used, used_wrap = self._next_used, self._used_wrap
+        return (
+            avail
+            | avail_wrap << PACKED_WRAP_BIT
+            | used << 16
+            | used_wrap << (16 + PACKED_WRAP_BIT)
+        )
+
+    def set_base(self, num: int) -> None:
+        """Restore the ring position (``SET_VRING_BASE``) and forget chains in
+        flight. Split: the next available index (the next used index is then
+        read from guest memory when the ring starts). Packed: the encoding of
+        :meth:`base` (a value with zero upper half sets used = avail).
+
+        Args:
+            num: the value from the message (u32).
+
+        Raises:
+            RingStateError: the value is not a u32, or packed positions are
+                not below the queue size.
+        """
+        if not 0 <= num <= 0xFFFF_FFFF:
+            raise RingStateError(f"vring base {num:#x} is not a u32")
+        if self._features.packed:
+            avail, avail_wrap, used, used_wrap = decode_packed_base(num)
+            if avail >= self._size or used >= self._size:
+                raise RingStateError(
+                    f"packed vring base {num:#x}: positions {avail} and {used} "
+                    f"must be below the queue size {self._size}"
+                )
+        else:
+            if num > 0xFFFF:
+                raise RingStateError(f"split vring base {num:#x} is not a u16")
+            avail, avail_wrap, used, used_wrap = num, 1, 0, 1
+        self._drop()
+        self._next_avail, self._avail_wrap = avail, avail_wrap
+        self._next_used, self._used_wrap = used, used_wrap
+        self._used_explicit = self._features.packed
+        if self._walker is not None:
+            self._walker.clear_inflight()
+
+    # ------------------------------------------------------------ the engine
+
+    @property
+    def broken(self) -> str | None:
+        """Why the ring is broken (hostile input), or None."""
+        return None if self._engine is None else self._engine.broken
+
+    def _ring(self, mem: GuestMemory) -> SplitRing | PackedRing:
+        engine = self._engine
+        if engine is not None:
+            return engine
+        if not self._ready:
+            raise RingStateError("queue is not ready (not started)")
+        if self._addresses is None:
+            raise RingStateError("queue addresses are not set")
+        desc, avail, used = self._addresses
+        packed = self._features.packed
+        walker = self._walker
+        if walker is None or walker.packed != packed or walker.qsize != self._size:
+            walker = RingWalker(self._size, packed=packed, max_chains=DEFAULT_BATCH)
+            self._walker = walker
+        if packed:
+            engine = PackedRing(
+                self._size,
+                desc,
+                avail,
+                used,
+                self._features,
+                walker=walker,
+                next_avail=self._next_avail,
+                avail_wrap=self._avail_wrap,
+                next_used=self._next_used,
+                used_wrap=self._used_wrap,
+                native=self._native,
+            )
+        else:
+            next_used = self._next_used
+            if not self._used_explicit:
+                next_used = _guest_used_idx(mem, used, self._size)
+            engine = SplitRing(
+                self._size,
+                desc,
+                avail,
+                used,
+                self._features,
+                walker=walker,
+                next_avail=self._next_avail,
+                next_used=next_used,
+                native=self._native,
+            )
+        self._apply_log(engine)
+        self._engine = engine
+        return engine
+
+    def pop_chains(
+        self, mem: GuestMemory, max_chains: int | None = None
+    ) -> list[DescriptorChain]:
+        """Pop the available chains (at most ``max_chains``; by default up to
+        the queue size).
+
+        Args:
+            mem: the memory snapshot.
+            max_chains: most chains to return.
+
+        Returns:
+            The chains, possibly none.
+
+        Raises:
+            DescriptorChainError: the next chain is malformed.
+            RingStateError: the queue is not ready, is broken, or its rings
+                are not in guest memory.
+        """
+        limit = self._size if max_chains is None else max_chains
+        if limit <= 0:
+            return []
+        return self._ring(mem).pop(mem, limit)
+
+    def pop_chain(self, mem: GuestMemory) -> DescriptorChain | None:
+        """Pop one chain, or None if none is available.
+
+        Raises:
+            DescriptorChainError: the next chain is malformed.
+            RingStateError: as :meth:`pop_chains`.
+        """
+        chains = self._ring(mem).pop(mem, 1)
+        return chains[0] if chains else None
+
+    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        """Return one chain to the driver.
+
+        Args:
+            mem: the memory snapshot.
+            head: the chain's :attr:`~DescriptorChain.head`.
+            length: bytes written into its writable buffers.
+
+        Raises:
+            ValueError: ``head`` is not in flight or ``length`` exceeds what
+                the chain can hold.
+            RingStateError: the queue is not ready.
+        """
+        self._ring(mem).push(mem, (head, length))
+
+    def add_used_many(self, mem: GuestMemory, used: Iterable[tuple[int, int]]) -> None:
+        """Return many chains at once, published together.
+
+        Args:
+            mem: the memory snapshot.
+            used: ``(head, length)`` pairs, in completion order.
+
+        Raises:
+            ValueError: an entry is invalid; nothing was written.
+            RingStateError: the queue is not ready.
+        """
+        flat = [value for pair in used for value in pair]
+        if flat:
+            self._ring(mem).push(mem, flat)
+
+    def enable_notification(self, mem: GuestMemory) -> bool:
+        """Re-enable kicks and re-check for work.
+
+        Returns:
+            True if chains are available (handle them before sleeping).
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        return self._ring(mem).enable_notification(mem)
+
+    def disable_notification(self, mem: GuestMemory) -> None:
+        """Ask the driver not to kick.
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        self._ring(mem).disable_notification(mem)
+
+    def needs_notification(self, mem: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt now.
+
+        Returns:
+            True to signal the call eventfd.
+
+        Raises:
+            RingStateError: the queue is not ready.
+        """
+        return self._ring(mem).needs_notification(mem)
+
+    def used_idx(self, mem: GuestMemory) -> int:
+        """Split rings: ``used.idx`` as it is in guest memory (packed: the
+        next used slot). Reads only; does not build the engine.
+
+        Raises:
+            RingStateError: the addresses are not set or not in memory.
+        """
+        if self._features.packed:
+            return self.next_used
+        if self._addresses is None:
+            raise RingStateError("queue addresses are not set")
+        return _guest_used_idx(mem, self._addresses[2], self._size)
+
+    def __repr__(self) -> str:
+        kind = "packed" if self._features.packed else "split"
+        state = "ready" if self._ready else "stopped"
+        return f"<Queue {kind} size={self._size} {state}>"
+
+
+def _guest_used_idx(mem: GuestMemory, used: int, size: int) -> int:
+    try:
+        region, offset = mem.locate(GuestAddress(used), 4)
+    except UnmappedAddressError as exc:
+        raise RingStateError(f"used ring at {used:#x} is not in guest memory") from exc
+    del size
+    try:
+        # ORDERING: acquire load of used.idx (read back when a ring starts).
+        return region.atomic.load_u16(offset + 2)
+    except ValueError as exc:
+        raise RingStateError(f"used ring at {used:#x} is misaligned ({exc})") from exc

@@ -1,0 +1,113 @@
+# MemorySpace: what the ring code needs from one guest memory snapshot,
+# computed once per snapshot and reused until the snapshot changes.
+#
+# Rules of this module:
+# - A space belongs to one GuestMemory snapshot and is only used while the
+#   caller holds a lease on that snapshot (VringState takes one per call).
+#   The ring code compares `space.memory is mem` to decide whether to reuse
+#   it; it keeps a reference to the snapshot object for that (not a lease).
+# - The native RegionTable is built lazily and pins every region's buffer:
+#   while a space has a table, its regions cannot be unmapped under a C call
+#   (a pinned mmap refuses to close; the memory layer then leaves the unmap
+#   to the garbage collector). release() unpins. Whoever replaces a space
+#   releases the old one, so a retired snapshot's memory goes away as soon as
+#   every ring has moved on.
+# - Ring parts (descriptor table, rings, event areas) must lie inside one
+#   region and be naturally aligned in host memory (atomic accesses);
+#   otherwise RingStateError names the part. Buffers may span regions.
+
+from __future__ import annotations
+
+from typing import final
+
+from vubackend._native import AtomicView, RegionTable
+from vubackend.errors import RingStateError, UnmappedAddressError
+from vubackend.memory import GuestAddress, GuestMemory, MappedRegion
+
+__all__ = ["MemorySpace", "RingPart", "locate_part"]
+
+
+@final
+class RingPart:
+    """One ring structure located in host memory: the region's native view
+    (atomics), its memoryview (plain reads and writes) and the offset."""
+
+    __slots__ = ("atomic", "gpa", "offset", "region", "view")
+
+    def __init__(self, region: MappedRegion, offset: int, gpa: int) -> None:
+        self.region = region
+        self.atomic: AtomicView = region.atomic
+        self.view: memoryview = region.view
+        self.offset = offset
+        self.gpa = gpa
+
+
+@final
+class MemorySpace:
+    """Lookup tables of one guest memory snapshot for the ring code."""
+
+    __slots__ = ("_table", "memory", "regions", "sizes", "starts")
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.regions: tuple[MappedRegion, ...] = memory.regions
+        self.starts: list[int] = [r.gpa for r in self.regions]
+        self.sizes: list[int] = [r.size for r in self.regions]
+        self._table: RegionTable | None = None
+
+    def table(self) -> RegionTable:
+        """The pinned native region table (built on first use)."""
+        table = self._table
+        if table is None:
+            table = RegionTable([(r.gpa, r.view) for r in self.regions])
+            self._table = table
+        return table
+
+    def release(self) -> None:
+        """Unpin the native table, if one was built. Idempotent."""
+        table, self._table = self._table, None
+        if table is not None:
+            table.release()
+
+    def part(self, gpa: int, length: int, align: int, what: str) -> RingPart:
+        """Locate a ring structure of ``length`` bytes at ``gpa``.
+
+        Raises:
+            RingStateError: it is not inside one region, or its host address
+                is not ``align``-aligned.
+        """
+        try:
+            region, offset = self.memory.locate(GuestAddress(gpa), length)
+        except UnmappedAddressError as exc:
+            raise RingStateError(
+                f"{what} [{gpa:#x}, +{length:#x}) is not inside one guest memory region"
+            ) from exc
+        part = RingPart(region, offset, gpa)
+        # Natural alignment of the host address: the native view refuses an
+        # unaligned atomic, and so does the C walker (VU_STOP_RING).
+        try:
+            if align >= 2:
+                part.atomic.load_u16(offset)
+            if align >= 4:
+                part.atomic.load_u32(offset)
+        except ValueError as exc:
+            raise RingStateError(
+                f"{what} at {gpa:#x} is not {align}-byte aligned in host memory ({exc})"
+            ) from exc
+        return part
+
+    def __repr__(self) -> str:
+        return f"<MemorySpace {self.memory!r}>"
+
+
+def locate_part(mem: GuestMemory, gpa: int, length: int, what: str) -> RingPart:
+    """Locate a ring structure for the driver side (no alignment probe).
+
+    Raises:
+        RingStateError: it is not inside one region.
+    """
+    try:
+        region, offset = mem.locate(GuestAddress(gpa), length)
+    except UnmappedAddressError as exc:
+        raise RingStateError(f"driver ring: {what} at {gpa:#x} is not mapped") from exc
+    return RingPart(region, offset, gpa)

@@ -1,0 +1,490 @@
+# VringState: one virtqueue as the daemon and the device see it: the Queue,
+# the kick/call/err eventfds, the enabled flag and the guest memory handle
+# (rust-vmm vhost-user-backend vring.rs, VringState).
+#
+# Rules of this module:
+# - Every call that touches guest memory takes a lease on the current
+#   snapshot (GuestMemoryAtomic.memory()) for its duration, so a new memory
+#   table is seen at the next call and an old one is never unmapped under
+#   it.
+# - The eventfds are owned: set_kick/set_call/set_err take ownership of the
+#   fd they are given and close the one they replace; close() closes all.
+#   (In the seed these take `Option<File>`, which is ownership too.)
+# - Not thread-safe. VringMutex and VringRwLock wrap it with a lock; the
+#   methods they call under a shared (read) lock (signal_used_queue,
+#   read_kick, queue_next_avail, queue_used_idx) only read this object.
+# - OSErrors of the eventfds become RingStateError (no bare OSError leaves
+#   the layer).
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+from collections.abc import Iterable
+from typing import Final, final
+
+from vubackend.errors import RingStateError
+from vubackend.memory import GuestAddress, GuestMemoryAtomic
+from vubackend.vring._chain import DescriptorChain
+from vubackend.vring._defs import QueueFeatures
+from vubackend.vring._queue import Queue
+
+__all__ = ["VringState"]
+
+_ONE: Final = (1).to_bytes(8, "little")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@final
+class VringState:
+    """One virtqueue with its eventfds, enabled flag and memory handle.
+
+    Device code normally reaches it through :class:`VringMutex` or
+    :class:`VringRwLock`, which expose the same methods under a lock.
+    """
+
+    __slots__ = ("_call", "_enabled", "_err", "_kick", "_log_on", "_mem", "_queue")
+
+    def __init__(
+        self, mem: GuestMemoryAtomic, max_queue_size: int, *, native: bool = True
+    ) -> None:
+        """Create a stopped, disabled queue.
+
+        Args:
+            mem: the session's guest memory.
+            max_queue_size: the device's largest queue size (1..32768).
+            native: use the native batch walker (True) or the Python
+                reference path (False).
+
+        Raises:
+            RingStateError: ``max_queue_size`` is out of range.
+        """
+        self._mem = mem
+        self._queue = Queue(max_queue_size, native=native)
+        self._kick: int | None = None
+        self._call: int | None = None
+        self._err: int | None = None
+        self._enabled = False
+        self._log_on = False
+
+    # ------------------------------------------------------------ parts
+
+    @property
+    def queue(self) -> Queue:
+        """The queue (configuration, positions, data path)."""
+        return self._queue
+
+    def get_queue(self) -> Queue:
+        """The queue (seed name).
+
+        Returns:
+            The queue.
+        """
+        return self._queue
+
+    @property
+    def mem(self) -> GuestMemoryAtomic:
+        """The guest memory handle."""
+        return self._mem
+
+    def is_enabled(self) -> bool:
+        """Whether the ring is enabled (``SET_VRING_ENABLE``).
+
+        Returns:
+            The flag.
+        """
+        return self._enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable the ring.
+
+        Args:
+            enabled: the new flag.
+        """
+        self._enabled = enabled
+
+    # ------------------------------------------------------------ data path
+
+    def pop_chains(self, max_chains: int | None = None) -> list[DescriptorChain]:
+        """Pop the available descriptor chains.
+
+        Args:
+            max_chains: most chains to pop (default: up to the queue size).
+
+        Returns:
+            The chains, possibly none.
+
+        Raises:
+            DescriptorChainError: the next chain is malformed (consumed on a
+                split ring; a packed ring is then broken).
+            RingStateError: the queue is not ready, is broken, or its rings
+                are not in guest memory.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.pop_chains(mem, max_chains)
+
+    def pop_chain(self) -> DescriptorChain | None:
+        """Pop one descriptor chain.
+
+        Returns:
+            The chain, or None if none is available.
+
+        Raises:
+            DescriptorChainError: the next chain is malformed.
+            RingStateError: as :meth:`pop_chains`.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.pop_chain(mem)
+
+    def add_used(self, desc_index: int, length: int) -> None:
+        """Return a chain to the driver (used element / used descriptor),
+        published at once.
+
+        Args:
+            desc_index: the chain's ``head``.
+            length: bytes written into its writable buffers.
+
+        Raises:
+            ValueError: the chain is not in flight, or ``length`` exceeds its
+                writable bytes.
+            RingStateError: the queue is not ready.
+        """
+        with self._mem.memory() as mem:
+            self._queue.add_used(mem, desc_index, length)
+
+    def add_used_many(self, used: Iterable[tuple[int, int]]) -> None:
+        """Return many chains at once (one native call, one publication).
+
+        Args:
+            used: ``(head, length)`` pairs in completion order.
+
+        Raises:
+            ValueError: an entry is invalid; nothing was written.
+            RingStateError: the queue is not ready.
+        """
+        with self._mem.memory() as mem:
+            self._queue.add_used_many(mem, used)
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick again, then re-check for work.
+
+        Returns:
+            True if chains are available: process them before waiting.
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.enable_notification(mem)
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick (while we poll).
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        with self._mem.memory() as mem:
+            self._queue.disable_notification(mem)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was used since the
+        last call (EVENT_IDX, NO_INTERRUPT, packed event suppression).
+
+        Returns:
+            True to call :meth:`signal_used_queue`.
+
+        Raises:
+            RingStateError: the queue is not ready.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.needs_notification(mem)
+
+    def signal_used_queue(self) -> None:
+        """Signal the call eventfd (interrupt the driver); nothing without one.
+
+        Unconditional, like the seed; use :meth:`signal_if_needed` to honour
+        the driver's suppression.
+
+        Raises:
+            RingStateError: writing the eventfd failed.
+        """
+        fd = self._call
+        if fd is None:
+            return
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the driver will be woken anyway
+        except OSError as exc:
+            raise RingStateError(f"cannot signal the call eventfd: {exc}") from exc
+
+    def signal_if_needed(self) -> bool:
+        """:meth:`needs_notification`, then :meth:`signal_used_queue` if so.
+
+        Returns:
+            Whether the driver was signalled.
+
+        Raises:
+            RingStateError: as the two methods.
+        """
+        if self.needs_notification():
+            self.signal_used_queue()
+            return True
+        return False
+
+    # ------------------------------------------------------------ configuration
+
+    def set_queue_info(self, desc_table: int, avail_ring: int, used_ring: int) -> None:
+        """Set the ring addresses, as guest physical addresses.
+
+        Args:
+            desc_table: descriptor table (ring).
+            avail_ring: available ring (packed: driver event suppression).
+            used_ring: used ring (packed: device event suppression).
+
+        Raises:
+            RingStateError: an address is misaligned.
+        """
+        self._queue.set_addresses(desc_table, avail_ring, used_ring)
+        self._apply_log()
+
+    def set_queue_size(self, num: int) -> None:
+        """Set the queue size (``SET_VRING_NUM``).
+
+        Args:
+            num: entries.
+
+        Raises:
+            RingStateError: the size breaks a rule.
+        """
+        self._queue.set_size(num)
+
+    def set_queue_features(self, features: QueueFeatures) -> None:
+        """Set the ring features (from the acked virtio features).
+
+        Args:
+            features: the features.
+        """
+        self._queue.set_features(features)
+
+    def set_queue_event_idx(self, enabled: bool) -> None:
+        """Turn EVENT_IDX on or off (seed name), keeping the other features.
+
+        Args:
+            enabled: whether EVENT_IDX was negotiated.
+        """
+        f = self._queue.features
+        self._queue.set_features(
+            QueueFeatures(
+                event_idx=enabled,
+                packed=f.packed,
+                in_order=f.in_order,
+                indirect=f.indirect,
+            )
+        )
+
+    def set_queue_ready(self, ready: bool) -> None:
+        """Start or stop the queue.
+
+        Args:
+            ready: the new state.
+        """
+        self._queue.set_ready(ready)
+
+    def queue_next_avail(self) -> int:
+        """The next available position.
+
+        Returns:
+            A u16 index (split) or slot (packed).
+        """
+        return self._queue.next_avail
+
+    def set_queue_next_avail(self, base: int) -> None:
+        """Set the next available position.
+
+        Args:
+            base: the position.
+
+        Raises:
+            RingStateError: out of range.
+        """
+        self._queue.set_next_avail(base)
+
+    def set_queue_next_used(self, idx: int) -> None:
+        """Set the next used position.
+
+        Args:
+            idx: the position.
+
+        Raises:
+            RingStateError: out of range.
+        """
+        self._queue.set_next_used(idx)
+
+    def queue_used_idx(self) -> int:
+        """``used.idx`` as it is in guest memory (split).
+
+        Returns:
+            The index.
+
+        Raises:
+            RingStateError: the used ring is not set or not in memory.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.used_idx(mem)
+
+    def vring_base(self) -> int:
+        """The value for ``GET_VRING_BASE`` (packed: both positions and wrap
+        counters).
+
+        Returns:
+            The u32 value.
+        """
+        return self._queue.base()
+
+    def set_vring_base(self, num: int) -> None:
+        """Apply ``SET_VRING_BASE``.
+
+        Args:
+            num: the value from the message.
+
+        Raises:
+            RingStateError: the value is out of range.
+        """
+        self._queue.set_base(num)
+
+    def set_log_used(self, enabled: bool, log_addr: GuestAddress | None = None) -> None:
+        """Log the device's ring writes in the session's dirty log
+        (``VHOST_VRING_F_LOG`` of ``SET_VRING_ADDR``).
+
+        Args:
+            enabled: whether to log.
+            log_addr: the ``log_guest_addr`` of the message (split rings; None
+                for the used ring's own address).
+        """
+        self._log_on = enabled
+        self._queue.set_log(self._mem.log if enabled else None, log_addr)
+
+    def _apply_log(self) -> None:
+        if self._log_on:
+            self._queue.set_log(self._mem.log, None)
+
+    def reset(self) -> None:
+        """Reset the queue (positions, addresses, in-flight), disable it, and
+        close the eventfds."""
+        self._queue.reset()
+        self._enabled = False
+        self._log_on = False
+        for fd in (self._kick, self._call, self._err):
+            _close(fd)
+        self._kick = self._call = self._err = None
+
+    # ------------------------------------------------------------ eventfds
+
+    def get_kick(self) -> int | None:
+        """The kick eventfd (borrowed), or None.
+
+        Returns:
+            The fd.
+        """
+        return self._kick
+
+    def get_call(self) -> int | None:
+        """The call eventfd (borrowed), or None.
+
+        Returns:
+            The fd.
+        """
+        return self._call
+
+    def get_err(self) -> int | None:
+        """The error eventfd (borrowed), or None.
+
+        Returns:
+            The fd.
+        """
+        return self._err
+
+    def set_kick(self, fd: int | None) -> None:
+        """Take ownership of a new kick eventfd (closing the old one).
+
+        Args:
+            fd: the eventfd, or None.
+        """
+        old, self._kick = self._kick, fd
+        if old != fd:
+            _close(old)
+
+    def set_call(self, fd: int | None) -> None:
+        """Take ownership of a new call eventfd (closing the old one).
+
+        Args:
+            fd: the eventfd, or None.
+        """
+        old, self._call = self._call, fd
+        if old != fd:
+            _close(old)
+
+    def set_err(self, fd: int | None) -> None:
+        """Take ownership of a new error eventfd (closing the old one).
+
+        Args:
+            fd: the eventfd, or None.
+        """
+        old, self._err = self._err, fd
+        if old != fd:
+            _close(old)
+
+    def read_kick(self) -> bool:
+        """Consume the kick eventfd's counter if it is readable.
+
+        Returns:
+            Whether the ring is enabled (seed semantics: a kick on a disabled
+            ring is consumed and ignored).
+
+        Raises:
+            RingStateError: reading the eventfd failed.
+        """
+        fd = self._kick
+        if fd is not None:
+            try:
+                # Never block: the worker calls this after epoll, but a
+                # spurious wakeup or a reader elsewhere may have emptied it.
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if poller.poll(0):
+                    os.read(fd, 8)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise RingStateError(f"cannot read the kick eventfd: {exc}") from exc
+        return self._enabled
+
+    def signal_err(self) -> None:
+        """Signal the error eventfd (a broken ring), if there is one.
+
+        Raises:
+            RingStateError: writing the eventfd failed.
+        """
+        fd = self._err
+        if fd is None:
+            return
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise RingStateError(f"cannot signal the error eventfd: {exc}") from exc
+
+    def close(self) -> None:
+        """Reset and close every fd (end of session). Idempotent."""
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"<VringState {self._queue!r} enabled={self._enabled}>"
