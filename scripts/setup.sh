@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc libc6-dev qemu-system-common qemu-utils dpdk-dev)
+APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

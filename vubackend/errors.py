@@ -32,6 +32,7 @@ __all__ = [
     "RemoteProtocolError",
     "RequestRefusedError",
     "RingStateError",
+    "SessionEndedError",
     "TransportError",
     "UnmappedAddressError",
     "UnsupportedRequestError",
@@ -144,6 +145,15 @@ class PeerDisconnectedError(VhostUserError):
     def __init__(self, message: str, *, mid_message: bool = False) -> None:
         super().__init__(message)
         self.mid_message = mid_message
+
+
+class SessionEndedError(VhostUserError):
+    """A front-end request left the session unusable (for example a request
+    that always has a reply body failed with no failure form to send); the
+    daemon ends the session and waits for the next connection."""
+
+    reconnect = True
+    _abstract = False
 
 
 class DaemonClosedError(VhostUserError):

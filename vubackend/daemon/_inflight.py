@@ -1,0 +1,264 @@
+# The inflight I/O tracking buffer (INFLIGHT_SHMFD; vhost-user-protocol.md
+# §4.9): shared memory the back-end allocates (GET_INFLIGHT_FD) and the
+# front-end keeps across back-end restarts (SET_INFLIGHT_FD), in which the
+# back-end records which descriptor heads it has popped and not yet used.
+#
+# Rules:
+# * Only the back-end that allocated the buffer interprets it, but we use
+#   the layout of the spec (and libvhost-user / DPDK), so a buffer survives
+#   a restart of our own daemon.
+# * Sizes from the front-end are checked before mapping: mmap_size must hold
+#   num_queues regions of the per-queue size and lie inside the file
+#   (libvhost-user and DPDK map whatever size comes, §7.2 "Inflight").
+# * A buffer we create is a sealed memfd (no grow, no shrink): a front-end
+#   cannot truncate it under us.
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from typing import Final, final
+
+from vubackend.errors import MappingError
+
+__all__ = ["InflightBuffer", "queue_region_size"]
+
+_ALIGN: Final = 64
+# Split: {u64 features; u16 version; u16 desc_num; u16 last_batch_head;
+# u16 used_idx} then DescStateSplit {u8 inflight; u8 pad[5]; u16 next;
+# u64 counter} per descriptor.
+_SPLIT_HEAD: Final = struct.Struct("=QHHHH")
+_SPLIT_DESC: Final = struct.Struct("=B5xHQ")
+# Packed: {u64 features; u16 version; u16 desc_num; u16 free_head;
+# u16 old_free_head; u16 used_idx; u16 old_used_idx; u8 used_wrap_counter;
+# u8 old_used_wrap_counter; u8 pad[7]} then DescStatePacked {u8 inflight;
+# u8 pad; u16 next; u16 last; u16 num; u64 counter; u16 id; u16 flags;
+# u32 len; u64 addr} per descriptor.
+_PACKED_HEAD: Final = struct.Struct("=QHHHHHHBB7x")
+_PACKED_DESC: Final = struct.Struct("=BxHHHQHHIQ")
+_VERSION: Final = 1
+
+
+def _align(value: int) -> int:
+    return (value + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def queue_region_size(queue_size: int, *, packed: bool) -> int:
+    """Bytes of one queue's region (DPDK's sizes, which match the layout)."""
+    if packed:
+        return _align(_PACKED_HEAD.size + _PACKED_DESC.size * queue_size)
+    return _align(_SPLIT_HEAD.size + _SPLIT_DESC.size * queue_size)
+
+
+@final
+class InflightBuffer:
+    """A mapped inflight buffer: ``num_queues`` regions of ``queue_size``
+    descriptor states each."""
+
+    def __init__(
+        self,
+        mapping: mmap.mmap,
+        fd: int | None,
+        *,
+        num_queues: int,
+        queue_size: int,
+        packed: bool,
+        base: int = 0,
+    ) -> None:
+        self._map = mapping
+        self._fd = fd
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.packed = packed
+        self.region_size = queue_region_size(queue_size, packed=packed)
+        self._base = base
+
+    @classmethod
+    def create(
+        cls, num_queues: int, queue_size: int, *, packed: bool
+    ) -> InflightBuffer:
+        """A new zeroed, sealed buffer with every queue region initialised.
+
+        Raises:
+            MappingError: the memfd could not be made or mapped.
+        """
+        if not 0 < queue_size <= 32768:
+            raise MappingError(f"inflight queue size {queue_size} is not in 1..32768")
+        size = num_queues * queue_region_size(queue_size, packed=packed)
+        try:
+            fd = os.memfd_create(
+                "vubackend-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
+        except OSError as exc:
+            raise MappingError(f"cannot create the inflight buffer: {exc}") from exc
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(
+                fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,
+            )
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(fd)
+            raise MappingError(f"cannot map the inflight buffer: {exc}") from exc
+        buffer = cls(
+            mapping, fd, num_queues=num_queues, queue_size=queue_size, packed=packed
+        )
+        for queue in range(num_queues):
+            buffer._initialise(queue)
+        return buffer
+
+    @classmethod
+    def adopt(
+        cls,
+        fd: int,
+        *,
+        size: int,
+        offset: int,
+        num_queues: int,
+        queue_size: int,
+        packed: bool,
+    ) -> InflightBuffer:
+        """Map a buffer the front-end kept (SET_INFLIGHT_FD). Takes
+        ownership of ``fd`` (closed once mapped, or on error).
+
+        Raises:
+            MappingError: the sizes do not fit or the mapping fails.
+        """
+        try:
+            needed = num_queues * queue_region_size(queue_size, packed=packed)
+            if size < needed:
+                raise MappingError(
+                    f"inflight buffer of {size} bytes cannot hold {num_queues} "
+                    f"queues of {queue_size} ({needed} bytes)"
+                )
+            if offset + size >= 1 << 64:
+                raise MappingError("inflight offset + size overflows")
+            if os.fstat(fd).st_size < offset + size:
+                raise MappingError(
+                    "the inflight buffer lies beyond the end of its file"
+                )
+            page = mmap.ALLOCATIONGRANULARITY
+            aligned = offset - offset % page
+            mapping = mmap.mmap(
+                fd, size + offset - aligned, mmap.MAP_SHARED, offset=aligned
+            )
+        except OSError as exc:
+            raise MappingError(f"cannot map the inflight buffer: {exc}") from exc
+        finally:
+            os.close(fd)
+        return cls(
+            mapping,
+            None,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            packed=packed,
+            base=offset - aligned,
+        )
+
+    @property
+    def size(self) -> int:
+        return self.num_queues * self.region_size
+
+    @property
+    def fd(self) -> int:
+        """The memfd of a buffer we created (to send with GET_INFLIGHT_FD)."""
+        if self._fd is None:
+            raise ValueError("this buffer was adopted; it has no fd of ours")
+        return self._fd
+
+    def take_fd(self) -> int:
+        """Hand our memfd over (to send with GET_INFLIGHT_FD, then close);
+        the mapping stays."""
+        fd = self.fd
+        self._fd = None
+        return fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._map.closed:
+            self._map.close()
+
+    def _region(self, queue: int) -> int:
+        if not 0 <= queue < self.num_queues:
+            raise IndexError(f"inflight queue {queue} out of range")
+        return self._base + queue * self.region_size
+
+    def _initialise(self, queue: int) -> None:
+        start = self._region(queue)
+        if self.packed:
+            _PACKED_HEAD.pack_into(
+                self._map, start, 0, _VERSION, self.queue_size, 0, 0, 0, 0, 1, 1
+            )
+            first = start + _PACKED_HEAD.size
+            for i in range(self.queue_size):
+                _PACKED_DESC.pack_into(
+                    self._map,
+                    first + i * _PACKED_DESC.size,
+                    0,
+                    i + 1,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                )
+        else:
+            _SPLIT_HEAD.pack_into(self._map, start, 0, _VERSION, self.queue_size, 0, 0)
+
+    # ------------------------------------------------------------ split rings
+
+    def split_begin(self, queue: int, head: int, counter: int) -> None:
+        """Record that descriptor ``head`` was popped (the ``counter``-th)."""
+        at = self._desc_at(queue, head)
+        _SPLIT_DESC.pack_into(self._map, at, 1, 0, counter)
+
+    def split_complete(self, queue: int, heads: list[int], used_idx: int) -> None:
+        """Record that ``heads`` were put in the used ring, whose index is now
+        ``used_idx``: last_batch_head links them, then they are cleared."""
+        start = self._region(queue)
+        features, version, desc_num, last_batch, _ = _SPLIT_HEAD.unpack_from(
+            self._map, start
+        )
+        for head in heads:
+            at = self._desc_at(queue, head)
+            flag, _next, counter = _SPLIT_DESC.unpack_from(self._map, at)
+            _SPLIT_DESC.pack_into(self._map, at, flag, last_batch, counter)
+            last_batch = head
+        _SPLIT_HEAD.pack_into(
+            self._map, start, features, version, desc_num, last_batch, used_idx
+        )
+        for head in heads:
+            at = self._desc_at(queue, head)
+            _flag, nxt, counter = _SPLIT_DESC.unpack_from(self._map, at)
+            _SPLIT_DESC.pack_into(self._map, at, 0, nxt, counter)
+
+    def split_pending(self, queue: int) -> list[int]:
+        """Heads still in flight, oldest first (to resubmit after a
+        reconnect)."""
+        pending = []
+        for head in range(self.queue_size):
+            flag, _next, counter = _SPLIT_DESC.unpack_from(
+                self._map, self._desc_at(queue, head)
+            )
+            if flag:
+                pending.append((counter, head))
+        return [head for _, head in sorted(pending)]
+
+    def split_used_idx(self, queue: int) -> int:
+        """The used index recorded with the last completed batch."""
+        return int(_SPLIT_HEAD.unpack_from(self._map, self._region(queue))[4])
+
+    def _desc_at(self, queue: int, head: int) -> int:
+        if not 0 <= head < self.queue_size:
+            raise IndexError(f"descriptor {head} out of range")
+        head_size = _PACKED_HEAD.size if self.packed else _SPLIT_HEAD.size
+        desc_size = _PACKED_DESC.size if self.packed else _SPLIT_DESC.size
+        return self._region(queue) + head_size + head * desc_size
