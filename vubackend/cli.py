@@ -1,8 +1,9 @@
 """The ``vubackend`` command.
 
 Subcommands:
-    demo        show what vubackend speaks, then run a short vhost-user
-                exchange over a real Unix socket and log every message.
+    demo        serve a virtio-rng device with VhostUserDaemon and drive it
+                with the Python frontend over a real Unix socket (split and
+                packed rings), logging what was negotiated and served.
     protocol    print the protocol table (every request, its payload, fds,
                 gate and reply).
 
@@ -20,25 +21,14 @@ import threading
 from collections.abc import Sequence
 from typing import TextIO
 
-from vubackend.errors import PeerDisconnectedError
+from vubackend.daemon import VhostUserDaemon
+from vubackend.devices import RngDevice
+from vubackend.frontend import Frontend, RngDriver
 from vubackend.protocol import (
     BACKEND_REQUEST_SPEC,
     FRONTEND_REQUEST_SPEC,
-    U64,
-    Connection,
-    Empty,
-    FrontendReq,
-    Inbound,
-    Listener,
-    MemoryRegion,
-    MemoryTable,
-    Message,
-    OwnedFds,
-    ProtocolFeatures,
     RequestSpec,
     VirtioFeatures,
-    VringState,
-    connect,
 )
 
 __all__ = ["main"]
@@ -75,93 +65,49 @@ def print_protocol_table(out: TextIO | None = None) -> None:
             print(_describe(spec), file=stream)
 
 
-def _demo_backend(listener: Listener, offered: int) -> None:
-    """A tiny back-end: answers queries, takes the memory table's fds."""
-    with listener.accept(Inbound.FRONTEND_REQUESTS) as conn:
-        while True:
-            try:
-                message = conn.receive()
-            except PeerDisconnectedError:
-                log.info("backend: the frontend closed the connection")
-                return
-            with OwnedFds(message.fds) as fds:
-                log.info(
-                    "backend: received %s %s with %d fd(s)",
-                    message.request.name,
-                    message.payload,
-                    len(fds),
-                )
-                if message.request is FrontendReq.GET_FEATURES:
-                    conn.send(Message.new_reply(message.request, U64(offered)))
-                elif message.request is FrontendReq.GET_PROTOCOL_FEATURES:
-                    features = ProtocolFeatures.MQ | ProtocolFeatures.REPLY_ACK
-                    conn.send(Message.new_reply(message.request, U64(features)))
-                elif message.request is FrontendReq.GET_VRING_BASE:
-                    assert isinstance(message.payload, VringState)
-                    reply = VringState(message.payload.index, 0)
-                    conn.send(Message.new_reply(message.request, reply))
-                elif message.need_reply:
-                    conn.send(Message.ack(message.request))
-
-
-def run_demo() -> int:
-    """Serve a toy back-end on a temporary socket and drive it."""
+def run_demo(*, requests: int = 8, size: int = 32) -> int:
+    """Serve a virtio-rng device with VhostUserDaemon on a temporary socket
+    and drive it with the Python frontend: handshake, memory, a ring, and
+    ``requests`` reads of ``size`` random bytes, over both ring layouts."""
     print("vubackend speaks vhost-user with these requests:")
     print_protocol_table()
-    offered = int(
-        VirtioFeatures.VERSION_1
-        | VirtioFeatures.PROTOCOL_FEATURES
-        | VirtioFeatures.EVENT_IDX
-    )
+    print()
     with tempfile.TemporaryDirectory(prefix="vubackend-demo-") as tmp:
-        path = os.path.join(tmp, "demo.sock")
-        listener = Listener(path)
-        log.info("backend: listening on %s", path)
-        server = threading.Thread(target=_demo_backend, args=(listener, offered))
+        path = os.path.join(tmp, "rng.sock")
+        device = RngDevice()
+        daemon = VhostUserDaemon("demo-rng", device)
+        server = threading.Thread(target=daemon.serve, args=(path,), daemon=True)
         server.start()
         try:
-            with connect(
-                path, Inbound.FRONTEND_REPLIES, retry_for=5.0, timeout=10.0
-            ) as conn:
-                _drive(conn)
+            for packed in (False, True):
+                _drive(path, packed=packed, requests=requests, size=size)
         finally:
+            daemon.close()
             server.join(timeout=10)
-            listener.close()
     print(
-        "\ndemo finished: every request was framed, sent with its fds, "
-        "decoded and answered"
+        f"\ndemo finished: the daemon served {device.bytes_served} random bytes "
+        "over split and packed rings"
     )
     return 0
 
 
-def _drive(conn: Connection) -> None:
-    def ask(message: Message) -> Message:
-        conn.send(message)
-        reply = conn.receive()
-        log.info("frontend: reply to %s: %s", message.request.name, reply.payload)
-        return reply
-
-    features = ask(Message.new_request(FrontendReq.GET_FEATURES))
-    assert isinstance(features.payload, U64)
-    offered = VirtioFeatures(features.payload.value)
-    log.info("frontend: backend offers %s", "|".join(f.name or "?" for f in offered))
-    ask(Message.new_request(FrontendReq.GET_PROTOCOL_FEATURES))
-    acked = ProtocolFeatures.MQ | ProtocolFeatures.REPLY_ACK
-    ack_payload = U64(int(acked))
-    conn.send(Message.new_request(FrontendReq.SET_PROTOCOL_FEATURES, ack_payload))
-    conn.send(Message.new_request(FrontendReq.SET_OWNER, Empty()))
-    memfd = os.memfd_create("vubackend-demo-ram", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(memfd, 1 << 20)
-        table = MemoryTable((MemoryRegion(0, 1 << 20, 0x7F00_0000_0000, 0),))
-        ask(
-            Message.new_request(
-                FrontendReq.SET_MEM_TABLE, table, need_reply=True, fds=[memfd]
-            )
+def _drive(path: str, *, packed: bool, requests: int, size: int) -> None:
+    layout = "packed" if packed else "split"
+    features = VirtioFeatures.VERSION_1 | VirtioFeatures.EVENT_IDX
+    if packed:
+        features |= VirtioFeatures.RING_PACKED
+    with Frontend.connect(path, retry_for=5.0, timeout=10.0) as fe:
+        fe.handshake(int(features))
+        log.info(
+            "frontend: negotiated %s",
+            "|".join(f.name or "?" for f in VirtioFeatures(fe.acked_features)),
         )
-    finally:
-        os.close(memfd)
-    ask(Message.new_request(FrontendReq.GET_VRING_BASE, VringState(0, 0)))
+        fe.create_memory([1 << 20])
+        rng = RngDriver(fe, fe.setup_queue(0, 64))
+        fe.start_device()
+        for i in range(requests):
+            data = rng.read(size)
+            log.info("frontend (%s ring): request %d -> %s", layout, i, data.hex())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="serve a toy backend and drive it; no VM needed")
+    sub.add_parser(
+        "demo", help="serve a virtio-rng device and drive it with the frontend"
+    )
     sub.add_parser("protocol", help="print the protocol table")
     return parser
 

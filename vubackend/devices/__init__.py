@@ -1,3 +1,8 @@
-"""vubackend.devices: see docs/design.md for what this layer holds."""
+"""vubackend.devices: ready devices built only on the public API.
 
-__all__: list[str] = []
+* :class:`RngDevice`: virtio-rng from the kernel's random source.
+"""
+
+from vubackend.devices._rng import RngDevice
+
+__all__ = ["RngDevice"]
