@@ -28,7 +28,7 @@ from vubackend.frontend import (
     Userfaultfd,
     userfaultfd_unavailable,
 )
-from vubackend.frontend import _postcopy as pc
+from vubackend.frontend import _uffd as pc
 
 from ..fdutil import open_fds
 

@@ -11,8 +11,9 @@
 * :class:`FrontendQueue`, :class:`EventFd`: a virtqueue's rings and notifiers.
 * :class:`BackendChannel`: the backend request channel, served on a thread.
 * Drivers: :class:`BlkDriver`, :class:`NetDriver`, :class:`RngDriver`, on
-  the driver-side ring writers :class:`SplitDriverRing` and
-  :class:`PackedDriverRing`.
+  :class:`DriverRing` (:func:`make_driver_ring`): a queue's driver side,
+  ``vubackend.vring``'s ``SplitDriverRing`` / ``PackedDriverRing`` with a
+  token per chain.
 * :class:`DirtyLogBuffer`, :class:`InflightBuffer`, :class:`DeviceStateReply`.
 * :func:`frame`, :class:`RawReply`, :class:`RawOutcome`: raw mode.
 * Postcopy (``Frontend.enter_postcopy``/``leave_postcopy``):
@@ -36,12 +37,7 @@ from vubackend.frontend._channel import (
     BackendHook,
 )
 from vubackend.frontend._dirty_log import LOG_PAGE_SIZE, DirtyLogBuffer
-from vubackend.frontend._driver_ring import (
-    DriverRing,
-    PackedDriverRing,
-    SplitDriverRing,
-    make_driver_ring,
-)
+from vubackend.frontend._driver_ring import DriverRing, make_driver_ring
 from vubackend.frontend._engine import DEFAULT_TIMEOUT
 from vubackend.frontend._eventfd import EventFd
 from vubackend.frontend._frontend import (
@@ -51,18 +47,12 @@ from vubackend.frontend._frontend import (
 )
 from vubackend.frontend._memory import FADDR_BASE, HUGE_PAGE_SIZE, GuestRam, RamRegion
 from vubackend.frontend._net import NET_HEADER_SIZE, NetDriver
-from vubackend.frontend._postcopy import (
-    PostcopyClient,
-    PostcopyPager,
-    PostcopyStats,
-    UffdEvent,
-    Userfaultfd,
-    userfaultfd_unavailable,
-)
+from vubackend.frontend._postcopy import PostcopyClient, PostcopyPager, PostcopyStats
 from vubackend.frontend._queue import FrontendQueue, QueueState
 from vubackend.frontend._raw import RawOutcome, RawReply, frame
 from vubackend.frontend._results import DeviceStateReply, InflightBuffer
 from vubackend.frontend._rng import RngDriver
+from vubackend.frontend._uffd import UffdEvent, Userfaultfd, userfaultfd_unavailable
 
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
@@ -90,7 +80,6 @@ __all__ = [
     "GuestRam",
     "InflightBuffer",
     "NetDriver",
-    "PackedDriverRing",
     "PostcopyClient",
     "PostcopyPager",
     "PostcopyStats",
@@ -99,7 +88,6 @@ __all__ = [
     "RawOutcome",
     "RawReply",
     "RngDriver",
-    "SplitDriverRing",
     "UffdEvent",
     "Userfaultfd",
     "frame",

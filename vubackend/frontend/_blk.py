@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Final, final
 
 from vubackend.errors import RemoteProtocolError, TransportError
-from vubackend.frontend._driver_ring import DriverRing, make_driver_ring, poll_used
+from vubackend.frontend._driver_ring import DriverRing, make_driver_ring
 from vubackend.frontend._frontend import Frontend
 from vubackend.frontend._queue import FrontendQueue
 
@@ -105,7 +105,9 @@ class BlkDriver:
     ) -> None:
         self._fe = frontend
         self._queue = queue
-        self._ring: DriverRing[BlkRequest] = make_driver_ring(frontend.ram, queue)
+        self._ring: DriverRing[BlkRequest] = make_driver_ring(
+            frontend.ram, queue, features=frontend.acked_features
+        )
         self._timeout = timeout
         self._pending: list[BlkRequest] = []
 
@@ -169,7 +171,7 @@ class BlkDriver:
         self._ring.add(readable, writable, request)
         self._pending.append(request)
         if kick:
-            self._queue.kick.signal()
+            self._ring.kick()
         return request
 
     # ------------------------------------------------------------ complete
@@ -205,7 +207,7 @@ class BlkDriver:
         targets = list(self._pending if requests is None else requests)
         limit = self._timeout if timeout is None else timeout
         while any(not r.done for r in targets):
-            used = poll_used(self._ring, self._queue, timeout=limit, until=1)
+            used = self._ring.wait(timeout=limit)
             if not used:
                 missing = [r for r in targets if not r.done]
                 raise TransportError(

@@ -48,10 +48,11 @@ from vubackend.frontend._channel import BackendChannel, BackendHook
 from vubackend.frontend._dirty_log import DirtyLogBuffer
 from vubackend.frontend._engine import DEFAULT_TIMEOUT
 from vubackend.frontend._memory import GuestRam
-from vubackend.frontend._postcopy import PostcopyPager, peer_pid
+from vubackend.frontend._postcopy import PostcopyPager
 from vubackend.frontend._queue import FrontendQueue, QueueState
 from vubackend.frontend._raw import RawReply, read_raw
 from vubackend.frontend._requests import Requests
+from vubackend.frontend._uffd import peer_pid
 from vubackend.protocol import (
     MAX_MEM_REGIONS,
     BackendReq,

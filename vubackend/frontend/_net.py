@@ -52,10 +52,13 @@ class NetDriver:
         rx_buffer_size: int = _RX_BUFFER,
     ) -> None:
         self._fe = frontend
-        self._rx_queue = rx
-        self._tx_queue = tx
-        self._rx: DriverRing[int] = make_driver_ring(frontend.ram, rx)
-        self._tx: DriverRing[tuple[int, int]] = make_driver_ring(frontend.ram, tx)
+        features = frontend.acked_features
+        self._rx: DriverRing[int] = make_driver_ring(
+            frontend.ram, rx, features=features
+        )
+        self._tx: DriverRing[tuple[int, int]] = make_driver_ring(
+            frontend.ram, tx, features=features
+        )
         self._rx_size = rx_buffer_size
         self._tx_pending = 0
         self.sent = 0
@@ -93,13 +96,13 @@ class NetDriver:
             deadline = time.monotonic() + timeout
             self._reap_tx()
             while self._tx.num_free < 1:
-                self._tx_queue.kick.signal()
+                self._tx.kick()
                 if time.monotonic() > deadline:
                     raise TransportError(
                         f"virtio-net: TX ring full for {timeout} s "
                         f"({self._tx_pending} frames pending)"
                     )
-                self._tx_queue.call.wait(0.01)
+                self._tx.sleep(0.01)
                 self._reap_tx()
             size = NET_HEADER_SIZE + len(frame)
             gpa = ram.alloc(size, 16)
@@ -108,8 +111,8 @@ class NetDriver:
             self._tx_pending += 1
             placed += 1
             if placed % 32 == 0:
-                self._tx_queue.kick.signal()
-        self._tx_queue.kick.signal()
+                self._tx.kick()
+        self._tx.kick()
         return placed
 
     def wait_sent(self, timeout: float = 5.0) -> None:
@@ -125,7 +128,7 @@ class NetDriver:
                 raise TransportError(
                     f"virtio-net: {self._tx_pending} TX frames not used in {timeout} s"
                 )
-            self._tx_queue.call.wait(0.02)
+            self._tx.sleep(0.02)
             self._reap_tx()
 
     # ------------------------------------------------------------ RX
@@ -142,7 +145,7 @@ class NetDriver:
             gpa = ram.alloc(self._rx_size, 16)
             self._rx.add([], [(gpa, self._rx_size)], gpa)
         if want:
-            self._rx_queue.kick.signal()
+            self._rx.kick()
         return want
 
     def receive(self, count: int = 1, *, timeout: float = 5.0) -> list[bytes]:
@@ -163,10 +166,10 @@ class NetDriver:
                 self._rx.add([], [(gpa, self._rx_size)], gpa)
             if used:
                 self.received += len(used)
-                self._rx_queue.kick.signal()
+                self._rx.kick()
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._rx_queue.call.wait(min(left, 0.05))
+            self._rx.sleep(left)
         return frames

@@ -5,11 +5,10 @@
 # - Ring memory is allocated from GuestRam and zeroed before first use (a
 #   packed ring must start zeroed, a split ring's used idx at 0); it stays
 #   allocated while the queue lives, so a stop/restart keeps the indices.
-# - Layouts (virtio 1.x, vhost-user-protocol.md §5.1-§5.2): split = desc
-#   16*N (align 16), avail 6+2N (align 2), used 6+8N (align 4); packed =
-#   desc 16*N (align 16), driver and device event suppression 4 bytes each
-#   (align 4). SET_VRING_ADDR names the avail ring / driver area "avail" and
-#   the used ring / device area "used".
+# - Layouts come from vubackend.vring (split_layout with the event fields,
+#   packed_layout), in one block of one region, 16-byte aligned, so the
+#   vring driver rings can attach to it. SET_VRING_ADDR names the avail
+#   ring / driver area "avail" and the used ring / device area "used".
 # - The queue owns its eventfds; close() closes them and frees the rings.
 # - `base` is what SET_VRING_BASE sends on the next start: 0 for a new split
 #   ring, 1 << 15 (avail wrap counter 1) for a new packed ring, and whatever
@@ -24,6 +23,7 @@ from vubackend.frontend._eventfd import EventFd
 from vubackend.frontend._memory import GuestRam
 from vubackend.memory import GuestAddress
 from vubackend.protocol import MAX_QUEUE_SIZE
+from vubackend.vring import packed_layout, split_layout
 
 __all__ = ["FrontendQueue", "QueueState"]
 
@@ -79,18 +79,16 @@ class FrontendQueue:
         self.kick = EventFd()
         self.call = EventFd()
         self.err: EventFd | None = EventFd() if err else None
+        layout = packed_layout if packed else split_layout
         try:
-            if packed:
-                self.desc = self._alloc(16 * size, 16)
-                self.avail = self._alloc(4, 4)
-                self.used = self._alloc(4, 4)
-            else:
-                self.desc = self._alloc(16 * size, 16)
-                self.avail = self._alloc(6 + 2 * size, 2)
-                self.used = self._alloc(6 + 8 * size, 4)
+            base = self._alloc(layout(0, size)[3], 16)
         except BaseException:
             self.close()
             raise
+        desc, avail, used, _end = layout(base, size)
+        self.desc = GuestAddress(desc)
+        self.avail = GuestAddress(avail)
+        self.used = GuestAddress(used)
         self.base = PACKED_INITIAL_BASE if packed else 0
         self.state = QueueState.CONFIGURED
         self.starts = 0

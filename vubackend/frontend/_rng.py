@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import final
 
 from vubackend.errors import TransportError
-from vubackend.frontend._driver_ring import DriverRing, make_driver_ring, poll_used
+from vubackend.frontend._driver_ring import DriverRing, make_driver_ring
 from vubackend.frontend._frontend import Frontend
 from vubackend.frontend._queue import FrontendQueue
 
@@ -30,7 +30,9 @@ class RngDriver:
     def __init__(self, frontend: Frontend, queue: FrontendQueue) -> None:
         self._fe = frontend
         self._queue = queue
-        self._ring: DriverRing[int] = make_driver_ring(frontend.ram, queue)
+        self._ring: DriverRing[int] = make_driver_ring(
+            frontend.ram, queue, features=frontend.acked_features
+        )
 
     def read(self, length: int, *, timeout: float = 5.0) -> bytes:
         """Ask for ``length`` bytes.
@@ -45,8 +47,8 @@ class RngDriver:
         gpa = ram.alloc(length, 16)
         ram.write(gpa, bytes(length))
         self._ring.add([], [(gpa, length)], gpa)
-        self._queue.kick.signal()
-        used = poll_used(self._ring, self._queue, timeout=timeout)
+        self._ring.kick()
+        used = self._ring.wait(timeout=timeout)
         if not used:
             raise TransportError(f"virtio-rng: no answer within {timeout} s")
         _, written = used[0]
