@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, final
@@ -35,6 +36,7 @@ from vubackend.errors import (
     GuestMemoryError,
     LocalProtocolError,
     SessionEndedError,
+    VhostUserError,
     VringError,
 )
 from vubackend.memory import (
@@ -52,6 +54,7 @@ from vubackend.protocol import (
     DeviceStateDirection,
     DeviceStatePhase,
     DeviceStateTransfer,
+    Empty,
     FrontendReq,
     Inbound,
     Inflight,
@@ -59,6 +62,7 @@ from vubackend.protocol import (
     MemoryRegion,
     MemoryTable,
     Message,
+    Opaque,
     OwnedFds,
     Payload,
     ProtocolFeatures,
@@ -226,6 +230,11 @@ class RequestHandler:
         request = message.request
         assert isinstance(request, FrontendReq)
         spec = message.spec
+        # Ack when REPLY_ACK was negotiated before the request or by it:
+        # RESET_OWNER forgets REPLY_ACK yet its own ack is due, and the
+        # SET_PROTOCOL_FEATURES that acks REPLY_ACK is acked (as libvhost-user
+        # and rust-vmm do).
+        acked_before = self.reply_ack
         try:
             problem = gate_problem(
                 spec,
@@ -242,6 +251,8 @@ class RequestHandler:
             if handler is None:
                 raise _RefusedError("not supported by vubackend")
             body = handler(message, fds)
+        except SessionEndedError:
+            raise
         except (
             _RefusedError,
             DeviceError,
@@ -250,23 +261,27 @@ class RequestHandler:
             LocalProtocolError,
         ) as exc:
             log.warning("%s refused: %s", request.name, exc)
-            return self._failure(message)
-        except OSError as exc:
+            return self._failure(message, acked_before or self.reply_ack)
+        except (OSError, VhostUserError) as exc:
             log.warning("%s failed: %s", request.name, exc)
-            return self._failure(message)
+            return self._failure(message, acked_before or self.reply_ack)
+        except Exception:
+            # A bug in a device hook: refuse this request, keep the session.
+            log.exception("%s: the device failed unexpectedly", request.name)
+            return self._failure(message, acked_before or self.reply_ack)
         reply_fds, self._reply_fds = self._reply_fds, ()
         if spec.has_reply_body:
             assert body is not None
             # The caller sends these fds and then closes them.
             return Message.new_reply(request, body, fds=reply_fds)
         close_fds(reply_fds)
-        if message.need_reply and self.reply_ack:
+        if message.need_reply and (acked_before or self.reply_ack):
             return Message.ack(request, success=True)
         return None
 
     _reply_fds: tuple[int, ...] = ()
 
-    def _failure(self, message: Message) -> Message | None:
+    def _failure(self, message: Message, reply_ack: bool) -> Message | None:
         close_fds(self._reply_fds)
         self._reply_fds = ()
         request = message.request
@@ -276,7 +291,7 @@ class RequestHandler:
             return Message.new_reply(request, failure(message.payload))
         if message.spec.has_reply_body:
             raise SessionEndedError(f"{request.name} failed and has no failure reply")
-        if message.need_reply and self.reply_ack:
+        if message.need_reply and reply_ack:
             return Message.ack(request, success=False)
         return None
 
@@ -516,6 +531,8 @@ class RequestHandler:
         # All three reference back-ends start the ring on this message.
         ring.started = True
         ring.vring.set_queue_ready(True)
+        # libvhost-user and DPDK check the inflight buffer at kick time.
+        self._attach_inflight(index)
         self._update_registration(index)
         if ring.enabled:
             self.backend.queue_started(index, ring.vring)
@@ -624,6 +641,46 @@ class RequestHandler:
 
     # ------------------------------------------------------------ inflight
 
+    def _attach_inflight(self, index: int) -> None:
+        # Attach queue `index`'s inflight region to its ring (recovering
+        # positions and the heads to resubmit), or detach a stale one. With
+        # heads to resubmit, kick the ring ourselves, as libvhost-user does
+        # "in case of I/O hang": the worker then serves them.
+        ring = self.rings[index]
+        buffer = self.inflight
+        tracker = None
+        if buffer is not None and index < buffer.num_queues:
+            with ring.vring.get_ref() as state:
+                size = state.queue.size
+            if buffer.packed:
+                log.warning("ring %d: inflight tracking of packed rings is off", index)
+            elif size > buffer.queue_size:
+                log.warning(
+                    "ring %d: size %d exceeds the inflight queue size %d; not tracked",
+                    index,
+                    size,
+                    buffer.queue_size,
+                )
+            else:
+                tracker = buffer.tracker(index)
+        try:
+            pending = ring.vring.set_inflight(tracker)
+        except (GuestMemoryError, VringError) as exc:
+            log.warning("ring %d: inflight tracking is off: %s", index, exc)
+            ring.vring.set_inflight(None)
+            return
+        if pending and ring.kick is not None:
+            log.info("ring %d: resubmitting %d inflight request(s)", index, pending)
+            try:
+                os.eventfd_write(ring.kick, 1)
+            except OSError as exc:
+                log.warning("ring %d: cannot kick for the resubmission: %s", index, exc)
+
+    def _detach_inflight(self) -> None:
+        # Before the buffer is replaced or closed: no ring may write to it.
+        for ring in self.rings:
+            ring.vring.set_inflight(None)
+
     def _get_inflight_fd(self, message: Message, fds: OwnedFds) -> Payload:
         assert isinstance(message.payload, Inflight)
         request = message.payload
@@ -633,10 +690,14 @@ class RequestHandler:
                 f"the device has {self.num_queues}"
             )
         packed = bool(self.acked_features & VirtioFeatures.RING_PACKED)
+        if packed:
+            # Split rings only; mmap_size 0 tells the front-end to skip it.
+            raise _RefusedError("inflight tracking of packed rings is not supported")
         buffer = InflightBuffer.create(
             request.num_queues, request.queue_size, packed=packed
         )
         if self.inflight is not None:
+            self._detach_inflight()
             self.inflight.close()
         self.inflight = buffer
         self._reply_fds = (buffer.take_fd(),)
@@ -660,6 +721,7 @@ class RequestHandler:
             packed=packed,
         )
         if self.inflight is not None:
+            self._detach_inflight()
             self.inflight.close()
         self.inflight = buffer
 
@@ -682,6 +744,7 @@ class RequestHandler:
             self.channel.close()
             self.channel = None
         if self.inflight is not None:
+            self._detach_inflight()
             self.inflight.close()
             self.inflight = None
 
@@ -689,6 +752,12 @@ class RequestHandler:
 def _config_failure(payload: Payload) -> Payload:
     assert isinstance(payload, Config)
     return ConfigReply(payload.offset, 0, payload.flags, b"")
+
+
+def _crypto_failure(payload: Payload) -> Payload:
+    # VhostUserCryptoSession starts with the i64 session id; negative = failed.
+    assert isinstance(payload, Opaque)
+    return Opaque(struct.pack("=q", -1) + payload.data[8:])
 
 
 def _inflight_failure(payload: Payload) -> Payload:
@@ -704,4 +773,10 @@ _FAILURE_REPLIES: Final[dict[FrontendReq, Callable[[Payload], Payload]]] = {
     FrontendReq.SET_DEVICE_STATE_FD: lambda _: U64(0x101),
     FrontendReq.CHECK_DEVICE_STATE: lambda _: U64(1),
     FrontendReq.GET_SHMEM_CONFIG: lambda _: ShmemConfig(0, ()),
+    FrontendReq.IOTLB_MSG: lambda _: U64(1),
+    FrontendReq.CREATE_CRYPTO_SESSION: _crypto_failure,
+    # No fd: the front-end sees that postcopy cannot start (rust-vmm #277).
+    FrontendReq.POSTCOPY_ADVISE: lambda _: Empty(),
+    FrontendReq.POSTCOPY_LISTEN: lambda _: U64(1),
+    FrontendReq.POSTCOPY_END: lambda _: U64(1),
 }

@@ -12,6 +12,12 @@
 #   (libvhost-user and DPDK map whatever size comes, §7.2 "Inflight").
 # * A buffer we create is a sealed memfd (no grow, no shrink): a front-end
 #   cannot truncate it under us.
+# * SplitQueueTracker is one queue's view, the vring's InflightTracker: the
+#   rings call it under their lock. Counters go on from the largest one in
+#   the buffer, so resubmitted heads stay the oldest. Heads a front-end
+#   wrote out of range are ignored. The buffer is only ever read back by a
+#   back-end after a reconnect, so plain stores in program order (Python
+#   makes no reordering) are the spec's "compiler barriers".
 
 from __future__ import annotations
 
@@ -19,11 +25,12 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from typing import Final, final
 
 from vubackend.errors import MappingError
 
-__all__ = ["InflightBuffer", "queue_region_size"]
+__all__ = ["InflightBuffer", "SplitQueueTracker", "queue_region_size"]
 
 _ALIGN: Final = 64
 # Split: {u64 features; u16 version; u16 desc_num; u16 last_batch_head;
@@ -256,9 +263,121 @@ class InflightBuffer:
         """The used index recorded with the last completed batch."""
         return int(_SPLIT_HEAD.unpack_from(self._map, self._region(queue))[4])
 
+    def split_link(self, queue: int, heads: Sequence[int]) -> None:
+        """Link ``heads`` through ``last_batch_head`` (before the used ring is
+        written): ``desc[i].next = last_batch_head; last_batch_head = i``."""
+        start = self._region(queue)
+        features, version, desc_num, last_batch, used_idx = _SPLIT_HEAD.unpack_from(
+            self._map, start
+        )
+        for head in heads:
+            at = self._desc_at(queue, head)
+            flag, _next, counter = _SPLIT_DESC.unpack_from(self._map, at)
+            _SPLIT_DESC.pack_into(self._map, at, flag, last_batch, counter)
+            last_batch = head
+        _SPLIT_HEAD.pack_into(
+            self._map, start, features, version, desc_num, last_batch, used_idx
+        )
+
+    def split_clear(self, queue: int, heads: Sequence[int], used_idx: int) -> None:
+        """Clear the inflight flag of ``heads``, then record ``used_idx``
+        (after used.idx was published)."""
+        for head in heads:
+            at = self._desc_at(queue, head)
+            _flag, nxt, counter = _SPLIT_DESC.unpack_from(self._map, at)
+            _SPLIT_DESC.pack_into(self._map, at, 0, nxt, counter)
+        self._set_split_used_idx(queue, used_idx)
+
+    def split_fix_up(self, queue: int, used_idx: int) -> None:
+        """The reconnect fix-up (§4.9): if the recorded used index is not
+        ``used_idx`` (used->idx), the last batch reached the used ring
+        before we crashed: clear its heads (``used_idx - recorded`` of them,
+        from ``last_batch_head`` along ``next``) and record ``used_idx``."""
+        start = self._region(queue)
+        _f, _v, _n, last_batch, recorded = _SPLIT_HEAD.unpack_from(self._map, start)
+        if recorded == used_idx & 0xFFFF:
+            return
+        count = min((used_idx - recorded) & 0xFFFF, self.queue_size)
+        head = last_batch
+        for _ in range(count):
+            if not 0 <= head < self.queue_size:
+                break
+            at = self._desc_at(queue, head)
+            _flag, nxt, counter = _SPLIT_DESC.unpack_from(self._map, at)
+            _SPLIT_DESC.pack_into(self._map, at, 0, nxt, counter)
+            head = nxt
+        self._set_split_used_idx(queue, used_idx)
+
+    def split_max_counter(self, queue: int) -> int:
+        """The largest counter of an in-flight head (0 if none)."""
+        top = 0
+        for head in range(self.queue_size):
+            flag, _next, counter = _SPLIT_DESC.unpack_from(
+                self._map, self._desc_at(queue, head)
+            )
+            if flag and counter > top:
+                top = counter
+        return int(top)
+
+    def _set_split_used_idx(self, queue: int, used_idx: int) -> None:
+        start = self._region(queue)
+        features, version, desc_num, last_batch, _ = _SPLIT_HEAD.unpack_from(
+            self._map, start
+        )
+        _SPLIT_HEAD.pack_into(
+            self._map, start, features, version, desc_num, last_batch, used_idx & 0xFFFF
+        )
+
+    def tracker(self, queue: int) -> SplitQueueTracker:
+        """Queue ``queue``'s tracker, to attach to its ring (split buffers).
+
+        Raises:
+            IndexError: no such queue.
+            ValueError: a packed buffer (not supported).
+        """
+        if self.packed:
+            raise ValueError("inflight tracking of packed rings is not supported")
+        self._region(queue)
+        return SplitQueueTracker(self, queue)
+
     def _desc_at(self, queue: int, head: int) -> int:
         if not 0 <= head < self.queue_size:
             raise IndexError(f"descriptor {head} out of range")
         head_size = _PACKED_HEAD.size if self.packed else _SPLIT_HEAD.size
         desc_size = _PACKED_DESC.size if self.packed else _SPLIT_DESC.size
         return self._region(queue) + head_size + head * desc_size
+
+
+@final
+class SplitQueueTracker:
+    """One queue's region of a split :class:`InflightBuffer`, as the
+    vring's ``InflightTracker``."""
+
+    def __init__(self, buffer: InflightBuffer, queue: int) -> None:
+        self._buffer = buffer
+        self._queue = queue
+        self._counter = buffer.split_max_counter(queue) + 1
+
+    def _valid(self, heads: Sequence[int]) -> list[int]:
+        size = self._buffer.queue_size
+        return [head for head in heads if 0 <= head < size]
+
+    def begin(self, heads: Sequence[int]) -> None:
+        buffer, queue = self._buffer, self._queue
+        for head in self._valid(heads):
+            buffer.split_begin(queue, head, self._counter)
+            self._counter += 1
+
+    def link(self, heads: Sequence[int]) -> None:
+        self._buffer.split_link(self._queue, self._valid(heads))
+
+    def complete(self, heads: Sequence[int], used_idx: int) -> None:
+        self._buffer.split_clear(self._queue, self._valid(heads), used_idx)
+
+    def pending(self) -> list[int]:
+        return self._buffer.split_pending(self._queue)
+
+    def recover(self, used_idx: int) -> list[int]:
+        self._buffer.split_fix_up(self._queue, used_idx)
+        self._counter = self._buffer.split_max_counter(self._queue) + 1
+        return self.pending()

@@ -13,6 +13,8 @@
 * :class:`SplitDriverRing`, :class:`PackedDriverRing`: the driver side, for
   tests and for the frontend.
 * :func:`need_event`: the event-index test; :class:`RwLock`: the lock.
+* :class:`InflightTracker`: what a ring records its in-flight heads in
+  (INFLIGHT_SHMFD), and resubmits from after a reconnect.
 """
 
 from vubackend.vring._chain import ChainSegment, DescriptorChain
@@ -29,6 +31,7 @@ from vubackend.vring._driver_split import SplitDriverRing, split_layout
 from vubackend.vring._queue import Queue
 from vubackend.vring._rwlock import RwLock
 from vubackend.vring._state import VringState
+from vubackend.vring._tracker import InflightTracker
 from vubackend.vring._vring import VringGuard, VringMutex, VringRwLock, VringT
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "ChainSegment",
     "DescriptorChain",
+    "InflightTracker",
     "PackedDriverRing",
     "Queue",
     "QueueFeatures",

@@ -18,21 +18,30 @@
 # - The in-flight table lives in a RingWalker kept across engine rebuilds of
 #   the same size and kind; SET_VRING_BASE and reset() clear it (chains
 #   popped before are forgotten: the frontend rewinds to the base it gives).
+# - An InflightTracker (INFLIGHT_SHMFD, split rings) may be attached with
+#   set_inflight(): every popped head is recorded before its chain is
+#   returned, every push is linked before and completed after the used ring
+#   is written. Attaching recovers the tracker (the "used_idx != used->idx"
+#   fix-up), sets next_used = used.idx and next_avail = used.idx + pending
+#   (the spec's last_avail_idx), and the pending heads, oldest first, are
+#   returned by the next pops before any new available entry. reset()
+#   detaches it.
 # - Not thread-safe: VringMutex / VringRwLock serialise access.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, final
 
 from vubackend._native import RingWalker
 from vubackend.bitmap import Bitmap
-from vubackend.errors import RingStateError, UnmappedAddressError
+from vubackend.errors import DescriptorChainError, RingStateError, UnmappedAddressError
 from vubackend.memory import GuestAddress, GuestMemory
 from vubackend.vring._chain import DescriptorChain
 from vubackend.vring._defs import MAX_QUEUE_SIZE, PACKED_WRAP_BIT, QueueFeatures
 from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
 from vubackend.vring._split import SplitRing, check_split_config
+from vubackend.vring._tracker import InflightTracker
 
 __all__ = ["Queue"]
 
@@ -62,7 +71,9 @@ class Queue:
         "_next_avail",
         "_next_used",
         "_ready",
+        "_resubmit",
         "_size",
+        "_tracker",
         "_used_explicit",
         "_used_wrap",
         "_walker",
@@ -91,6 +102,8 @@ class Queue:
         self._log: Bitmap | None = None
         self._log_addr: int | None = None
         self._features = QueueFeatures()
+        self._tracker: InflightTracker | None = None
+        self._resubmit: list[int] = []
         self.reset()
 
     # ------------------------------------------------------------ configuration
@@ -110,6 +123,8 @@ class Queue:
         self._used_explicit = False
         self._log = None
         self._log_addr = None
+        self._tracker = None
+        self._resubmit = []
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -350,6 +365,7 @@ class Queue:
         self._next_avail, self._avail_wrap = avail, avail_wrap
         self._next_used, self._used_wrap = used, used_wrap
         self._used_explicit = self._features.packed
+        self._resubmit = []
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -428,7 +444,38 @@ class Queue:
         limit = self._size if max_chains is None else max_chains
         if limit <= 0:
             return []
-        return self._ring(mem).pop(mem, limit)
+        engine = self._ring(mem)
+        chains: list[DescriptorChain] = []
+        if self._resubmit:
+            chains = self._pop_resubmitted(mem, engine, limit)
+            if len(chains) >= limit:
+                return chains
+        try:
+            popped = engine.pop(mem, limit - len(chains))
+        except DescriptorChainError:
+            if chains:
+                return chains  # the next call raises again
+            raise
+        tracker = self._tracker
+        if tracker is not None and popped:
+            tracker.begin([chain.head for chain in popped])
+        return chains + popped if chains else popped
+
+    def _pop_resubmitted(
+        self, mem: GuestMemory, engine: SplitRing | PackedRing, limit: int
+    ) -> list[DescriptorChain]:
+        # The heads stay recorded (same counters): they are in flight.
+        assert isinstance(engine, SplitRing)
+        heads, self._resubmit = self._resubmit[:limit], self._resubmit[limit:]
+        chains, bad = engine.resubmit(mem, heads)
+        if bad and self._tracker is not None:
+            # Malformed now: forgotten, as a malformed new chain is consumed.
+            self._tracker.complete(bad, engine.next_used)
+        if bad and not chains:
+            raise DescriptorChainError(
+                f"resubmitted descriptor chain(s) at head(s) {bad} are malformed"
+            )
+        return chains
 
     def pop_chain(self, mem: GuestMemory) -> DescriptorChain | None:
         """Pop one chain, or None if none is available.
@@ -437,7 +484,7 @@ class Queue:
             DescriptorChainError: the next chain is malformed.
             RingStateError: as :meth:`pop_chains`.
         """
-        chains = self._ring(mem).pop(mem, 1)
+        chains = self.pop_chains(mem, 1)
         return chains[0] if chains else None
 
     def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
@@ -453,7 +500,7 @@ class Queue:
                 the chain can hold.
             RingStateError: the queue is not ready.
         """
-        self._ring(mem).push(mem, (head, length))
+        self._push(mem, (head, length))
 
     def add_used_many(self, mem: GuestMemory, used: Iterable[tuple[int, int]]) -> None:
         """Return many chains at once, published together.
@@ -468,7 +515,74 @@ class Queue:
         """
         flat = [value for pair in used for value in pair]
         if flat:
-            self._ring(mem).push(mem, flat)
+            self._push(mem, flat)
+
+    def _push(self, mem: GuestMemory, flat: Sequence[int]) -> None:
+        engine = self._ring(mem)
+        tracker = self._tracker
+        if tracker is None:
+            engine.push(mem, flat)
+            return
+        heads = list(flat[0::2])
+        # The spec's order (§4.9): link the batch, write the used ring and
+        # publish used.idx, clear the flags, record used_idx. A push that
+        # fails writes nothing; its link is then never looked at (used_idx
+        # still matches used->idx).
+        recordable = all(0 <= head < self._size for head in heads)
+        if recordable:
+            tracker.link(heads)
+        engine.push(mem, flat)
+        if recordable and isinstance(engine, SplitRing):
+            tracker.complete(heads, engine.next_used)
+
+    # ------------------------------------------------------------ inflight
+
+    def set_inflight_detached(self) -> int:
+        """Detach the inflight tracker (no memory needed).
+
+        Returns:
+            0.
+        """
+        self._tracker = None
+        self._resubmit = []
+        return 0
+
+    @property
+    def inflight_tracker(self) -> InflightTracker | None:
+        """The attached inflight tracker, or None."""
+        return self._tracker
+
+    def set_inflight(self, mem: GuestMemory, tracker: InflightTracker | None) -> int:
+        """Attach an inflight tracker (INFLIGHT_SHMFD) to the configured
+        ring, or detach it (None).
+
+        Attaching recovers the tracker against ``used.idx`` in guest memory,
+        sets next used = used.idx and next available = used.idx + the number
+        of pending heads, and queues those heads (oldest first) for the
+        next pops. Chains popped before are forgotten.
+
+        Returns:
+            The number of heads to resubmit.
+
+        Raises:
+            RingStateError: a packed ring (not supported), addresses not
+                set, or the used ring not in guest memory.
+        """
+        if tracker is None:
+            return self.set_inflight_detached()
+        if self._features.packed:
+            raise RingStateError("inflight tracking of packed rings is not supported")
+        used = self.used_idx(mem)
+        pending = tracker.recover(used)
+        self._drop()
+        self._next_used = used
+        self._used_explicit = True
+        self._next_avail = (used + len(pending)) & 0xFFFF
+        if self._walker is not None:
+            self._walker.clear_inflight()
+        self._tracker = tracker
+        self._resubmit = list(pending)
+        return len(pending)
 
     def enable_notification(self, mem: GuestMemory) -> bool:
         """Re-enable kicks and re-check for work.

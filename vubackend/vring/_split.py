@@ -398,6 +398,47 @@ class SplitRing:
         self._next_avail = nxt
         return ChainBatch(words, segs, space.regions).chains(), fault, broken_at
 
+    def resubmit(
+        self, mem: GuestMemory, heads: Sequence[int]
+    ) -> tuple[list[DescriptorChain], list[int]]:
+        """Build the chains at ``heads`` again (inflight resubmission after a
+        reconnect), with the same walk and guards as a pop, and mark them in
+        flight. ``next_avail`` does not move (it already counts them).
+
+        Returns:
+            The chains, and the heads whose chains are malformed (not
+            returned; the caller forgets them).
+
+        Raises:
+            RingStateError: the ring is broken or not inside guest memory.
+        """
+        self._check_usable()
+        space = self._bind(mem)
+        dpart = self._dpart
+        inflight = self._walker.inflight
+        words: list[int] = []
+        segs: list[int] = []
+        bad: list[int] = []
+        for head in heads:
+            # The descriptors were published before the reconnect; the
+            # session handshake orders them before us.
+            try:
+                walk = walk_split(
+                    space,
+                    dpart.view,
+                    dpart.offset,
+                    self._size,
+                    head,
+                    self._indirect,
+                    inflight,
+                )
+            except WalkError:
+                bad.append(head)
+                continue
+            inflight[head] = walk.wlen
+            walk.record(head, 1, words, segs)
+        return ChainBatch(words, segs, space.regions).chains(), bad
+
     # ------------------------------------------------------------ used ring
 
     def push(self, mem: GuestMemory, entries: Sequence[int]) -> None:

@@ -29,6 +29,7 @@ from vubackend.memory import GuestAddress, GuestMemoryAtomic
 from vubackend.vring._chain import DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._queue import Queue
+from vubackend.vring._tracker import InflightTracker
 
 __all__ = ["VringState"]
 
@@ -338,6 +339,26 @@ class VringState:
         """
         with self._mem.memory() as mem:
             return self._queue.used_idx(mem)
+
+    def set_inflight(self, tracker: InflightTracker | None) -> int:
+        """Attach an inflight tracker to the configured ring (INFLIGHT_SHMFD),
+        or detach it (None). See :meth:`Queue.set_inflight`: positions are
+        recovered from it and its pending heads are resubmitted first.
+
+        Args:
+            tracker: the queue's tracker, or None.
+
+        Returns:
+            The number of heads the next pops resubmit.
+
+        Raises:
+            RingStateError: a packed ring, or the used ring is not set or
+                not in guest memory.
+        """
+        if tracker is None:
+            return self._queue.set_inflight_detached()
+        with self._mem.memory() as mem:
+            return self._queue.set_inflight(mem, tracker)
 
     def vring_base(self) -> int:
         """The value for ``GET_VRING_BASE`` (packed: both positions and wrap

@@ -25,6 +25,7 @@ from vubackend.vring._chain import DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._rwlock import RwLock
 from vubackend.vring._state import VringState
+from vubackend.vring._tracker import InflightTracker
 
 __all__ = ["VringGuard", "VringMutex", "VringRwLock", "VringT"]
 
@@ -155,6 +156,10 @@ class VringT(Protocol):
 
     def queue_used_idx(self) -> int:
         """``used.idx`` in guest memory."""
+        ...
+
+    def set_inflight(self, tracker: InflightTracker | None) -> int:
+        """Attach (or detach) an inflight tracker; the number to resubmit."""
         ...
 
     def vring_base(self) -> int:
@@ -439,6 +444,19 @@ class _LockedVring:
         """
         with self._exclusive:
             self._state.set_queue_next_used(idx)
+
+    def set_inflight(self, tracker: InflightTracker | None) -> int:
+        """Attach an inflight tracker (or detach: None); see
+        :meth:`VringState.set_inflight`.
+
+        Returns:
+            The number of heads the next pops resubmit.
+
+        Raises:
+            RingStateError: as :meth:`VringState.set_inflight`.
+        """
+        with self._exclusive:
+            return self._state.set_inflight(tracker)
 
     def queue_used_idx(self) -> int:
         """``used.idx`` in guest memory.
