@@ -24,7 +24,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, final
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class VringEpollHandler:
         self._epoll = select.epoll()
         self._tokens: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._dispatch_lock = threading.Lock()
         self._exit_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._device_exit = backend.exit_event(thread_id)
         self._add(self._exit_fd, select.EPOLLIN, _EXIT_TOKEN)
@@ -151,23 +152,51 @@ class VringEpollHandler:
                 self._on_failure(self._thread_id, exc)
                 return
             for fd, evset in events:
-                with self._lock:
-                    token = self._tokens.get(fd)
-                if token is None:
-                    continue  # unregistered while we were waking up
-                if token == _EXIT_TOKEN:
-                    return
-                try:
-                    self._dispatch(token, evset)
-                except Exception as exc:
-                    log.exception(
-                        "worker %d: the device failed to handle event %d; "
-                        "this worker stops",
-                        self._thread_id,
-                        token,
-                    )
-                    self._on_failure(self._thread_id, exc)
-                    return
+                # One event at a time under the dispatch lock, so that the
+                # request thread can wait out the event in progress before it
+                # stops a ring (paused()); the token is looked up under it, so
+                # an event for a kick fd unregistered meanwhile is dropped.
+                with self._dispatch_lock:
+                    with self._lock:
+                        token = self._tokens.get(fd)
+                    if token is None:
+                        continue  # unregistered while we were waking up
+                    if token == _EXIT_TOKEN:
+                        return
+                    try:
+                        self._dispatch(token, evset)
+                    except Exception as exc:
+                        log.exception(
+                            "worker %d: the device failed to handle event %d; "
+                            "this worker stops",
+                            self._thread_id,
+                            token,
+                        )
+                        self._on_failure(self._thread_id, exc)
+                        return
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float = 10.0) -> Iterator[None]:
+        """Hold off event dispatch, after the event in progress (if any)
+        finishes. A device that blocks longer than ``timeout`` (for example
+        waiting on the backend channel for a front-end that waits for us)
+        is logged and not waited for, rather than deadlocking."""
+        if threading.current_thread() is self._thread:
+            yield
+            return
+        acquired = self._dispatch_lock.acquire(timeout=timeout)
+        if not acquired:
+            log.warning(
+                "worker %d: the device is still handling an event after %.0f s; "
+                "going on without waiting",
+                self._thread_id,
+                timeout,
+            )
+        try:
+            yield
+        finally:
+            if acquired:
+                self._dispatch_lock.release()
 
     def _dispatch(self, token: int, evset: int) -> None:
         if token < len(self._vrings):
