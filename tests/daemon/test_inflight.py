@@ -67,8 +67,9 @@ class HoldingDisk(RamDisk):
             assert self.cond.wait_for(lambda: len(self.held) >= count, timeout=5)
 
 
-def _session(fe: Frontend) -> None:
-    fe.handshake(FEATURES, backend_channel=False)
+def _session(fe: Frontend, packed: bool = False) -> None:
+    features = FEATURES | (VirtioFeatures.RING_PACKED if packed else 0)
+    fe.handshake(features, backend_channel=False)
     assert fe.has_protocol_feature(ProtocolFeatures.INFLIGHT_SHMFD)
 
 
@@ -81,30 +82,48 @@ def _reconnect(fe: Frontend, served: Served) -> None:
     )
 
 
-def _used_idx(data: bytes) -> int:
+def _used_idx(data: bytes, packed: bool = False) -> int:
     # Split region: u64 features, u16 version, desc_num, last_batch_head,
-    # used_idx.
-    return int(struct.unpack_from("<H", data, 14)[0])
+    # used_idx. Packed: u64 features, u16 version, desc_num, free_head,
+    # old_free_head, used_idx (the used slot).
+    return int(struct.unpack_from("<H", data, 16 if packed else 14)[0])
 
 
-def _inflight_heads(data: bytes, qsize: int) -> list[int]:
-    return [h for h in range(qsize) if data[16 + 16 * h]]
+def _used_wrap(data: bytes) -> int:
+    # Packed region: u8 used_wrap_counter after old_used_idx.
+    return data[20]
 
 
+def _inflight_heads(data: bytes, qsize: int, packed: bool = False) -> list[int]:
+    if not packed:
+        return [h for h in range(qsize) if data[16 + 16 * h]]
+    # Packed: 32-byte header, 32-byte entries {u8 inflight; u8 pad; u16
+    # next; u16 last; u16 num; u64 counter; u16 id; ...}; a chain's id is
+    # that of its last entry.
+    ids = []
+    for h in range(qsize):
+        at = 32 + 32 * h
+        if data[at]:
+            (last,) = struct.unpack_from("<H", data, at + 4)
+            ids.append(int(struct.unpack_from("<H", data, 32 + 32 * last + 16)[0]))
+    return ids
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("base_from", ["get_vring_base", "inflight_used_idx"])
 def test_held_requests_are_served_once_after_a_reconnect(
-    serve: ServeFactory, base_from: str
+    serve: ServeFactory, base_from: str, packed: bool
 ) -> None:
     device = HoldingDisk(hold=2)
     served = serve(device)
     with served.connect() as fe:
-        _session(fe)
+        _session(fe, packed)
         ram = fe.create_memory([4 << 20])
         inflight = fe.get_inflight_fd(1, QSIZE)
         assert inflight is not None
         try:
             fe.set_inflight_fd(inflight)
-            queue = fe.setup_queue(0, QSIZE)
+            queue = fe.setup_queue(0, QSIZE, packed=packed)
             fe.start_device()
             blk = BlkDriver(fe, queue)
             held = [
@@ -115,15 +134,22 @@ def test_held_requests_are_served_once_after_a_reconnect(
             blk.write(3, b"C" * SECTOR)
             assert not any(r.done for r in held)
             data = inflight.read()
-            assert _used_idx(data) == 1
-            assert sorted(_inflight_heads(data, QSIZE)) == sorted(device.held)
+            # One request done: one used entry (split), its slots (packed).
+            slots = _used_idx(data, packed)
+            assert slots == 1 if not packed else slots >= 1
+            assert sorted(_inflight_heads(data, QSIZE, packed)) == sorted(device.held)
 
             if base_from == "get_vring_base":
-                assert fe.stop_queue(queue) == 3
+                # Packed: avail 3 chains on, used one, both wrap counters 1.
+                packed_base = 3 * slots | 1 << 15 | (slots | 1 << 15) << 16
+                assert fe.stop_queue(queue) == (packed_base if packed else 3)
+            elif packed:  # the back-end crashed: the used position (with
+                # avail = used); the inflight record sets both.
+                queue.base = slots | _used_wrap(data) << 15
             else:  # the back-end crashed: the used index is all there is
                 queue.base = _used_idx(data)
             _reconnect(fe, served)
-            _session(fe)
+            _session(fe, packed)
             fe.share_memory(ram)
             fe.set_inflight_fd(inflight)
             fe.start_queue(queue)
@@ -142,8 +168,8 @@ def test_held_requests_are_served_once_after_a_reconnect(
             outs = [s for kind, s in device.served if kind == BLK_T_OUT]
             assert sorted(outs) == [1, 2, 3, 4], "each write served exactly once"
             data = inflight.read()
-            assert _inflight_heads(data, QSIZE) == []
-            assert _used_idx(data) == 6
+            assert _inflight_heads(data, QSIZE, packed) == []
+            assert _used_idx(data, packed) == 6 * slots
         finally:
             inflight.close()
 

@@ -12,7 +12,13 @@ import pytest
 from vubackend.daemon._inflight import InflightBuffer
 from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestMemoryAtomic
-from vubackend.vring import QueueFeatures, SplitDriverRing, VringState
+from vubackend.vring import (
+    PackedDriverRing,
+    QueueFeatures,
+    SplitDriverRing,
+    VringState,
+)
+from vubackend.vring._packed import decode_packed_base
 
 from ._support import DATA, Harness
 from .conftest import MakeHarness
@@ -184,17 +190,177 @@ def test_a_malformed_resubmitted_chain_is_dropped(
         buffer.close()
 
 
-def test_packed_rings_refuse_a_tracker(harness: MakeHarness, native: bool) -> None:
-    h = harness(packed=True, native=native, size=SIZE)
-    with pytest.raises(RingStateError, match="packed"):
-        h.state.set_inflight(Recorder(h))
-    assert h.state.set_inflight(None) == 0
+def packed(h: Harness) -> PackedDriverRing:
+    assert isinstance(h.driver, PackedDriverRing)
+    return h.driver
 
 
-def test_the_packed_buffer_has_no_tracker() -> None:
+def restart_packed(
+    h: Harness, atomic: GuestMemoryAtomic, native: bool, size: int
+) -> VringState:
+    state = VringState(atomic, 32768, native=native)
+    state.set_queue_features(QueueFeatures(packed=True, indirect=True))
+    state.set_queue_size(size)
+    state.set_queue_info(h.desc, h.avail, h.used)
+    state.set_queue_ready(True)
+    return state
+
+
+def test_split_rings_refuse_a_packed_tracker(
+    harness: MakeHarness, native: bool
+) -> None:
+    h = harness(packed=False, native=native, size=SIZE)
     buffer = InflightBuffer.create(1, SIZE, packed=True)
     try:
-        with pytest.raises(ValueError, match="packed"):
-            buffer.tracker(0)
+        with pytest.raises(RingStateError, match="split"):
+            h.state.set_inflight(buffer.tracker(0))
+    finally:
+        buffer.close()
+
+
+def test_packed_pop_records_and_complete_clears(
+    harness: MakeHarness, native: bool
+) -> None:
+    h = harness(packed=True, native=native, size=SIZE)
+    buffer = InflightBuffer.create(1, SIZE, packed=True)
+    try:
+        assert h.state.set_inflight(buffer.tracker(0)) == 0
+        d = packed(h)
+        a = d.add([(DATA, 8, False), (DATA + 0x100, 8, True)])
+        b = d.add([(DATA + 0x200, 8, True)], indirect_table=DATA + 0x1000)
+        c = d.add([(DATA + 0x300, 4, True)])
+        assert [ch.head for ch in h.state.pop_chains()] == [a, b, c]
+        pending = buffer.packed_pending(0)
+        assert [ident for ident, _ in pending] == [a, b, c]
+        assert [len(descs) for _, descs in pending] == [2, 1, 1]
+        assert pending[0][1][0][:2] == (DATA, 8)
+        assert pending[1][1][0][0] == DATA + 0x1000  # the indirect pointer
+        h.state.add_used(b, 8)
+        assert [ident for ident, _ in buffer.packed_pending(0)] == [a, c]
+        # A push that fails leaves the record as it was.
+        with pytest.raises(ValueError):
+            h.state.add_used(b, 0)
+        head = buffer.packed_head(0)
+        assert head[2:] == [1, 1, 1, 1]
+        h.state.add_used_many([(a, 8), (c, 4)])
+        assert buffer.packed_pending(0) == []
+        assert buffer.packed_head(0)[2:] == [4, 4, 1, 1]
+    finally:
+        buffer.close()
+
+
+@pytest.mark.parametrize("rounds", [0, 3])
+def test_packed_recovery_resubmits_oldest_first(
+    harness: MakeHarness, atomic: GuestMemoryAtomic, native: bool, rounds: int
+) -> None:
+    size = 4
+    h = harness(packed=True, native=native, size=size)
+    buffer = InflightBuffer.create(1, size, packed=True)
+    d = packed(h)
+    try:
+        h.state.set_inflight(buffer.tracker(0))
+        for _ in range(rounds):  # across wrap-arounds
+            ids = [d.add([(DATA + 0x100 * k, 8, True)]) for k in range(3)]
+            h.state.pop_chains()
+            h.state.add_used_many([(i, 8) for i in ids])
+            assert sorted(i for i, _ in d.collect()) == sorted(ids)
+        ids = [d.add([(DATA + 0x100 * k, 8, True)]) for k in range(3)]
+        assert [c.head for c in h.state.pop_chains()] == ids
+        h.state.add_used(ids[1], 8)
+        used = buffer.packed_head(0)[2:5:2]
+        h.state.close()
+
+        state = restart_packed(h, atomic, native, size)
+        try:
+            assert state.set_inflight(buffer.tracker(0)) == 2
+            avail, avail_wrap, next_used, used_wrap = decode_packed_base(
+                state.vring_base()
+            )
+            assert [next_used, used_wrap] == used
+            ahead = next_used + 2  # the two pending chains' slots
+            assert (avail, avail_wrap) == (
+                (ahead - size, used_wrap ^ 1) if ahead >= size else (ahead, used_wrap)
+            )
+            new = d.add([(DATA + 0x800, 8, True)])
+            chains = state.pop_chains()
+            assert [c.head for c in chains] == [ids[0], ids[2], new]
+            assert [c.writable_len for c in chains] == [8, 8, 8]
+            state.add_used_many([(c.head, 8) for c in chains])
+            got = sorted(i for i, _ in d.collect())
+            assert got == sorted([ids[0], ids[1], ids[2], new])
+            assert buffer.packed_pending(0) == []
+            assert state.set_inflight(buffer.tracker(0)) == 0
+        finally:
+            state.close()
+    finally:
+        buffer.close()
+
+
+def test_a_malformed_recorded_packed_chain_is_dropped(
+    harness: MakeHarness, atomic: GuestMemoryAtomic, native: bool
+) -> None:
+    h = harness(packed=True, native=native, size=SIZE)
+    buffer = InflightBuffer.create(1, SIZE, packed=True)
+    try:
+        h.state.set_inflight(buffer.tracker(0))
+        d = packed(h)
+        bad = d.add([(DATA, 8, True)])
+        good = d.add([(DATA + 0x100, 8, True)])
+        h.state.pop_chains()
+        h.state.close()
+        # The record of `bad` points outside guest memory.
+        [entry] = [
+            i
+            for i in range(SIZE)
+            if buffer.packed_entry(0, i)[0] and buffer.packed_entry(0, i)[5] == bad
+        ]
+        values = buffer.packed_entry(0, entry)
+        values[8] = 1 << 60
+        buffer.packed_set_entry(0, entry, values)
+        state = restart_packed(h, atomic, native, SIZE)
+        try:
+            assert state.set_inflight(buffer.tracker(0)) == 2
+            assert [c.head for c in state.pop_chains()] == [good]
+            assert [i for i, _ in buffer.packed_pending(0)] == [good]
+            state.add_used(good, 8)
+            assert buffer.packed_pending(0) == []
+            assert state.pop_chains() == []
+        finally:
+            state.close()
+    finally:
+        buffer.close()
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_a_packed_batch_cut_by_a_crash_is_settled(
+    harness: MakeHarness, atomic: GuestMemoryAtomic, native: bool, published: bool
+) -> None:
+    h = harness(packed=True, native=native, size=SIZE)
+    buffer = InflightBuffer.create(1, SIZE, packed=True)
+    try:
+        tracker = buffer.tracker(0)
+        h.state.set_inflight(tracker)
+        d = packed(h)
+        ids = [d.add([(DATA + 0x100 * k, 8, True)]) for k in range(3)]
+        h.state.pop_chains()
+        # Crash after "link" and, if published, after the used descriptor was
+        # written, but before the flags were cleared.
+        tracker.link([ids[0]])
+        h.state.set_inflight(None)
+        if published:
+            h.state.add_used(ids[0], 8)
+        h.state.close()
+
+        state = restart_packed(h, atomic, native, SIZE)
+        try:
+            expect = ids[1:] if published else ids
+            assert state.set_inflight(buffer.tracker(0)) == len(expect)
+            assert [c.head for c in state.pop_chains()] == expect
+            assert buffer.packed_head(0)[2] == (1 if published else 0)
+            state.add_used_many([(i, 8) for i in expect])
+            assert sorted(i for i, _ in d.collect()) == sorted(ids)
+            assert buffer.packed_pending(0) == []
+        finally:
+            state.close()
     finally:
         buffer.close()

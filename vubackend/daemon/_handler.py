@@ -574,9 +574,15 @@ class RequestHandler:
     def _stop_ring(self, index: int) -> None:
         ring = self.rings[index]
         ring.started = False
-        ring.vring.set_queue_ready(False)
-        if ring.worker is not None and ring.kick is not None:
+        if ring.worker is None:
+            ring.vring.set_queue_ready(False)
+            return
+        # No new kick reaches the device, and the event it may be handling
+        # on this ring finishes, before the ring stops under it.
+        if ring.kick is not None:
             ring.worker.unregister_kick(ring.kick)
+        with ring.worker.paused():
+            ring.vring.set_queue_ready(False)
 
     def _close_ring_fds(self, ring: _Ring) -> None:
         if ring.worker is not None and ring.kick is not None:
@@ -652,9 +658,7 @@ class RequestHandler:
         if buffer is not None and index < buffer.num_queues:
             with ring.vring.get_ref() as state:
                 size = state.queue.size
-            if buffer.packed:
-                log.warning("ring %d: inflight tracking of packed rings is off", index)
-            elif size > buffer.queue_size:
+            if size > buffer.queue_size:
                 log.warning(
                     "ring %d: size %d exceeds the inflight queue size %d; not tracked",
                     index,
@@ -690,9 +694,6 @@ class RequestHandler:
                 f"the device has {self.num_queues}"
             )
         packed = bool(self.acked_features & VirtioFeatures.RING_PACKED)
-        if packed:
-            # Split rings only; mmap_size 0 tells the front-end to skip it.
-            raise _RefusedError("inflight tracking of packed rings is not supported")
         buffer = InflightBuffer.create(
             request.num_queues, request.queue_size, packed=packed
         )

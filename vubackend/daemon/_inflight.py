@@ -18,6 +18,17 @@
 #   wrote out of range are ignored. The buffer is only ever read back by a
 #   back-end after a reconnect, so plain stores in program order (Python
 #   makes no reordering) are the spec's "compiler barriers".
+# * PackedQueueTracker: used descriptors overwrite the ring, so each popped
+#   chain's ring descriptors (addr/len/id/flags, as read from the ring right
+#   after the pop; an indirect chain's one ring descriptor, the table is
+#   walked again) are recorded in entries taken from the free list (chained
+#   by next, num and last in the head entry; DPDK's layout). link() puts a
+#   batch's entries back on the free list and advances used_idx and its
+#   wrap counter by their slots; complete() clears the flags and copies
+#   the state to the old_* shadows. A crash between the two is settled at
+#   recovery by the used descriptor at old_used_idx: published, the batch
+#   is cleared; not, the shadows are restored. Recovery rebuilds the free
+#   list from the in-flight entries (nothing leaks).
 
 from __future__ import annotations
 
@@ -25,12 +36,17 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 from vubackend.errors import MappingError
 
-__all__ = ["InflightBuffer", "SplitQueueTracker", "queue_region_size"]
+__all__ = [
+    "InflightBuffer",
+    "PackedQueueTracker",
+    "SplitQueueTracker",
+    "queue_region_size",
+]
 
 _ALIGN: Final = 64
 # Split: {u64 features; u16 version; u16 desc_num; u16 last_batch_head;
@@ -42,10 +58,13 @@ _SPLIT_DESC: Final = struct.Struct("=B5xHQ")
 # u16 old_free_head; u16 used_idx; u16 old_used_idx; u8 used_wrap_counter;
 # u8 old_used_wrap_counter; u8 pad[7]} then DescStatePacked {u8 inflight;
 # u8 pad; u16 next; u16 last; u16 num; u64 counter; u16 id; u16 flags;
-# u32 len; u64 addr} per descriptor.
-_PACKED_HEAD: Final = struct.Struct("=QHHHHHHBB7x")
+# u32 len; u64 addr} per descriptor. The header is 32 bytes: pad[7] ends at
+# 29, and C aligns desc[] (a u64 inside) to 8, as in DPDK's structs.
+_PACKED_HEAD: Final = struct.Struct("=QHHHHHHBB10x")
 _PACKED_DESC: Final = struct.Struct("=BxHHHQHHIQ")
 _VERSION: Final = 1
+# A recorded packed descriptor: (addr, len, id, flags).
+PackedDesc = tuple[int, int, int, int]
 
 
 def _align(value: int) -> int:
@@ -328,17 +347,73 @@ class InflightBuffer:
             self._map, start, features, version, desc_num, last_batch, used_idx & 0xFFFF
         )
 
-    def tracker(self, queue: int) -> SplitQueueTracker:
-        """Queue ``queue``'s tracker, to attach to its ring (split buffers).
+    def tracker(self, queue: int) -> SplitQueueTracker | PackedQueueTracker:
+        """Queue ``queue``'s tracker, to attach to its ring.
 
         Raises:
             IndexError: no such queue.
-            ValueError: a packed buffer (not supported).
         """
-        if self.packed:
-            raise ValueError("inflight tracking of packed rings is not supported")
         self._region(queue)
+        if self.packed:
+            return PackedQueueTracker(self, queue)
         return SplitQueueTracker(self, queue)
+
+    # ------------------------------------------------------------ packed rings
+
+    def packed_head(self, queue: int) -> list[int]:
+        """[free_head, old_free_head, used_idx, old_used_idx, used_wrap,
+        old_used_wrap]."""
+        return list(_PACKED_HEAD.unpack_from(self._map, self._region(queue))[3:])
+
+    def packed_set_head(self, queue: int, values: Sequence[int]) -> None:
+        start = self._region(queue)
+        features, version, desc_num = _PACKED_HEAD.unpack_from(self._map, start)[:3]
+        _PACKED_HEAD.pack_into(self._map, start, features, version, desc_num, *values)
+
+    def packed_entry(self, queue: int, index: int) -> list[int]:
+        """[inflight, next, last, num, counter, id, flags, len, addr]."""
+        return list(_PACKED_DESC.unpack_from(self._map, self._desc_at(queue, index)))
+
+    def packed_set_entry(self, queue: int, index: int, values: Sequence[int]) -> None:
+        _PACKED_DESC.pack_into(self._map, self._desc_at(queue, index), *values)
+
+    def packed_pending(self, queue: int) -> list[tuple[int, list[PackedDesc]]]:
+        """The recorded chains still in flight, oldest first: ``(id,
+        descriptors)``; ``id`` is the last descriptor's."""
+        found = []
+        for head in range(self.queue_size):
+            entry = self.packed_entry(queue, head)
+            if entry[0]:
+                descs = self._packed_chain(queue, head)
+                if descs:
+                    found.append((entry[4], descs[-1][2], descs))
+        return [(ident, descs) for _, ident, descs in sorted(found)]
+
+    def chain_entries(self, queue: int, head: int) -> list[int] | None:
+        """The entries of the chain recorded at entry ``head``, or None if
+        its links are out of range."""
+        entry = self.packed_entry(queue, head)
+        num = entry[3]
+        if not 0 < num <= self.queue_size:
+            return None
+        indexes = [head]
+        for _ in range(num - 1):
+            index = self.packed_entry(queue, indexes[-1])[1]
+            if not 0 <= index < self.queue_size or index in indexes:
+                return None
+            indexes.append(index)
+        return indexes if indexes[-1] == entry[2] else None
+
+    def _packed_chain(self, queue: int, head: int) -> list[PackedDesc] | None:
+        # The descriptors of the chain recorded at entry `head`.
+        indexes = self.chain_entries(queue, head)
+        if indexes is None:
+            return None
+        descs: list[PackedDesc] = []
+        for index in indexes:
+            e = self.packed_entry(queue, index)
+            descs.append((e[8], e[7], e[5], e[6]))
+        return descs
 
     def _desc_at(self, queue: int, head: int) -> int:
         if not 0 <= head < self.queue_size:
@@ -381,3 +456,158 @@ class SplitQueueTracker:
         self._buffer.split_fix_up(self._queue, used_idx)
         self._counter = self._buffer.split_max_counter(self._queue) + 1
         return self.pending()
+
+
+@final
+class PackedQueueTracker:
+    """One queue's region of a packed :class:`InflightBuffer`, as the
+    vring's ``PackedInflightTracker``."""
+
+    def __init__(self, buffer: InflightBuffer, queue: int) -> None:
+        self._buffer = buffer
+        self._queue = queue
+        self._ring_size = buffer.queue_size
+        self._ids: dict[int, int] = {}
+        self._counter = 1
+
+    def begin_chains(self, chains: Sequence[Sequence[PackedDesc]]) -> None:
+        buffer, queue, size = self._buffer, self._queue, self._buffer.queue_size
+        for descs in chains:
+            values = buffer.packed_head(queue)
+            indexes = []
+            index = values[0]
+            for _ in descs:
+                if not 0 <= index < size:
+                    break
+                indexes.append(index)
+                index = buffer.packed_entry(queue, index)[1]
+            if not descs or len(indexes) < len(descs):
+                continue  # no room (a corrupt free list): not recorded
+            head, last = indexes[0], indexes[-1]
+            for at, (addr, length, ident, flags) in zip(indexes, descs, strict=True):
+                nxt = buffer.packed_entry(queue, at)[1]
+                buffer.packed_set_entry(
+                    queue, at, (0, nxt, last, 0, 0, ident, flags, length, addr)
+                )
+            entry = buffer.packed_entry(queue, head)
+            entry[0], entry[2], entry[3], entry[4] = 1, last, len(descs), self._counter
+            buffer.packed_set_entry(queue, head, entry)
+            self._counter += 1
+            values[0] = values[1] = index
+            buffer.packed_set_head(queue, values)
+            self._ids[descs[-1][2]] = head
+
+    def link(self, heads: Sequence[int]) -> None:
+        buffer, queue = self._buffer, self._queue
+        values = buffer.packed_head(queue)
+        for ident in heads:
+            head = self._ids.get(ident)
+            if head is None:
+                continue
+            entry = buffer.packed_entry(queue, head)
+            last = buffer.packed_entry(queue, entry[2])
+            last[1] = values[0]
+            buffer.packed_set_entry(queue, entry[2], last)
+            values[0] = head
+            values[2] += entry[3]
+            if values[2] >= self._ring_size:
+                values[2] -= self._ring_size
+                values[4] ^= 1
+        buffer.packed_set_head(queue, values)
+
+    def unlink(self) -> None:
+        """Undo :meth:`link` (the push failed): restore the shadows."""
+        values = self._buffer.packed_head(self._queue)
+        values[0], values[2], values[4] = values[1], values[3], values[5]
+        self._buffer.packed_set_head(self._queue, values)
+
+    def complete(self, heads: Sequence[int], used_idx: int) -> None:
+        del used_idx  # the position was recorded by link()
+        self._clear(heads)
+
+    def _clear(self, heads: Sequence[int]) -> None:
+        buffer, queue = self._buffer, self._queue
+        for ident in heads:
+            head = self._ids.pop(ident, None)
+            if head is not None:
+                entry = buffer.packed_entry(queue, head)
+                entry[0] = 0
+                buffer.packed_set_entry(queue, head, entry)
+        values = buffer.packed_head(queue)
+        values[1], values[3], values[5] = values[0], values[2], values[4]
+        buffer.packed_set_head(queue, values)
+
+    def drop(self, heads: Sequence[int]) -> None:
+        """Forget ``heads`` without using them (malformed on resubmission)."""
+        buffer, queue = self._buffer, self._queue
+        values = buffer.packed_head(queue)
+        for ident in heads:
+            head = self._ids.get(ident)
+            if head is None:
+                continue
+            entry = buffer.packed_entry(queue, head)
+            last = buffer.packed_entry(queue, entry[2])
+            last[1] = values[0]
+            buffer.packed_set_entry(queue, entry[2], last)
+            values[0] = head
+        buffer.packed_set_head(queue, values)
+        self._clear(heads)
+
+    def pending(self) -> list[int]:
+        return [ident for ident, _ in self._buffer.packed_pending(self._queue)]
+
+    def recover_packed(
+        self, ring_size: int, published: Callable[[int, int], bool]
+    ) -> tuple[int, int, list[tuple[int, list[PackedDesc]]]]:
+        buffer, queue, size = self._buffer, self._queue, self._buffer.queue_size
+        self._ring_size = ring_size
+        values = buffer.packed_head(queue)
+        free, old_free, used, old_used, wrap, old_wrap = values
+        if (used, wrap) != (old_used, old_wrap):
+            if published(old_used, old_wrap):
+                # The batch reached the ring: clear it (free_head along the
+                # relinked entries down to old_free_head).
+                head = free
+                for _ in range(size):
+                    if head == old_free or not 0 <= head < size:
+                        break
+                    entry = buffer.packed_entry(queue, head)
+                    entry[0] = 0
+                    buffer.packed_set_entry(queue, head, entry)
+                    if not 0 <= entry[2] < size:
+                        break
+                    head = buffer.packed_entry(queue, entry[2])[1]
+            else:
+                used, wrap = old_used, old_wrap
+        # The free list again: every entry no in-flight chain holds.
+        held: set[int] = set()
+        for head in range(size):
+            entry = buffer.packed_entry(queue, head)
+            if not entry[0]:
+                continue
+            chain = buffer.chain_entries(queue, head)
+            if chain is None:
+                entry[0] = 0
+                buffer.packed_set_entry(queue, head, entry)
+            else:
+                held.update(chain)
+        free_entries = [i for i in range(size) if i not in held]
+        for k, index in enumerate(free_entries):
+            entry = buffer.packed_entry(queue, index)
+            entry[0] = 0
+            entry[1] = free_entries[k + 1] if k + 1 < len(free_entries) else size
+            buffer.packed_set_entry(queue, index, entry)
+        first = free_entries[0] if free_entries else size
+        buffer.packed_set_head(queue, (first, first, used, used, wrap, wrap))
+        pending = buffer.packed_pending(queue)
+        self._ids = {}
+        top = 0
+        for head in range(size):
+            entry = buffer.packed_entry(queue, head)
+            if entry[0]:
+                top = max(top, entry[4])
+                chain = buffer.chain_entries(queue, head)
+                assert chain is not None
+                self._ids[buffer.packed_entry(queue, chain[-1])[5]] = head
+        self._counter = top + 1
+        return used, wrap, pending

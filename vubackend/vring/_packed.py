@@ -90,7 +90,8 @@ from vubackend.vring._defs import (
     need_event,
 )
 from vubackend.vring._space import MemorySpace, RingPart
-from vubackend.vring._walk import WalkError, fault_message, walk_packed
+from vubackend.vring._tracker import PackedDesc
+from vubackend.vring._walk import DESC, WalkError, fault_message, walk_packed
 
 __all__ = ["PackedRing", "check_packed_config", "decode_packed_base"]
 
@@ -362,6 +363,65 @@ class PackedRing:
                 wrap ^= 1
         self._next_avail, self._avail_wrap = slot, wrap
         return ChainBatch(words, segs, space.regions).chains(), fault
+
+    def read_slots(self, start: int, count: int) -> list[PackedDesc]:
+        """The ring descriptors (addr, len, id, flags) of ``count`` slots from
+        ``start`` (a chain just popped, to record for inflight tracking).
+        Plain reads: the pop's acquire load ordered them."""
+        dpart = self._dpart
+        out: list[PackedDesc] = []
+        slot = start
+        for _ in range(count):
+            addr, length, ident, flags = DESC.unpack_from(
+                dpart.view, dpart.offset + DESC_SIZE * slot
+            )
+            out.append((addr, length, ident, flags))
+            slot = 0 if slot + 1 == self._size else slot + 1
+        return out
+
+    def resubmit(
+        self, mem: GuestMemory, chains: Sequence[tuple[int, Sequence[PackedDesc]]]
+    ) -> tuple[list[DescriptorChain], list[int]]:
+        """Build chains from recorded descriptors (inflight resubmission),
+        with the guards of a pop, and mark them in flight. Positions do not
+        move (they already count them).
+
+        Returns:
+            The chains, and the ids whose records are malformed (not
+            returned; the caller forgets them).
+        """
+        self._check_usable()
+        space = self._bind(mem)
+        inflight = self._walker.inflight
+        words: list[int] = []
+        segs: list[int] = []
+        bad: list[int] = []
+        for ident, descs in chains:
+            table = bytearray(DESC_SIZE * len(descs))
+            for k, (addr, length, rid, flags) in enumerate(descs):
+                DESC.pack_into(table, DESC_SIZE * k, addr, length, rid, flags)
+            try:
+                if not descs or not 0 <= ident < self._size:
+                    raise WalkError(RingFault.ID_RANGE, ident)
+                walk, got, slots = walk_packed(
+                    space,
+                    memoryview(table),
+                    0,
+                    len(descs),
+                    0,
+                    descs[0][3],
+                    self._indirect,
+                )
+                if got != ident or slots != len(descs):
+                    raise WalkError(RingFault.ID_RANGE, got)
+                if inflight[ident] != _FREE:
+                    raise WalkError(RingFault.IN_FLIGHT, ident)
+            except WalkError:
+                bad.append(ident)
+                continue
+            inflight[ident] = walk.wlen | slots << 32
+            walk.record(ident, slots, words, segs)
+        return ChainBatch(words, segs, space.regions).chains(), bad
 
     # ------------------------------------------------------------ used side
 

@@ -26,22 +26,38 @@
 #   (the spec's last_avail_idx), and the pending heads, oldest first, are
 #   returned by the next pops before any new available entry. reset()
 #   detaches it.
+# - Packed rings (a PackedInflightTracker): each popped chain's ring
+#   descriptors are recorded; attaching takes the used position and wrap
+#   counter from the record (next avail = used + the pending chains'
+#   slots, as DPDK) and rebuilds the pending chains from the recorded
+#   descriptors on the next pops; malformed ones are dropped.
 # - Not thread-safe: VringMutex / VringRwLock serialise access.
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final, final
+from typing import Final, cast, final
 
 from vubackend._native import RingWalker
 from vubackend.bitmap import Bitmap
 from vubackend.errors import DescriptorChainError, RingStateError, UnmappedAddressError
 from vubackend.memory import GuestAddress, GuestMemory
 from vubackend.vring._chain import DescriptorChain
-from vubackend.vring._defs import MAX_QUEUE_SIZE, PACKED_WRAP_BIT, QueueFeatures
+from vubackend.vring._defs import (
+    DESC_F_AVAIL,
+    DESC_F_USED,
+    MAX_QUEUE_SIZE,
+    PACKED_WRAP_BIT,
+    QueueFeatures,
+)
 from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
 from vubackend.vring._split import SplitRing, check_split_config
-from vubackend.vring._tracker import InflightTracker
+from vubackend.vring._tracker import (
+    AnyInflightTracker,
+    InflightTracker,
+    PackedDesc,
+    PackedInflightTracker,
+)
 
 __all__ = ["Queue"]
 
@@ -72,6 +88,7 @@ class Queue:
         "_next_used",
         "_ready",
         "_resubmit",
+        "_resubmit_packed",
         "_size",
         "_tracker",
         "_used_explicit",
@@ -102,8 +119,9 @@ class Queue:
         self._log: Bitmap | None = None
         self._log_addr: int | None = None
         self._features = QueueFeatures()
-        self._tracker: InflightTracker | None = None
+        self._tracker: AnyInflightTracker | None = None
         self._resubmit: list[int] = []
+        self._resubmit_packed: list[tuple[int, list[PackedDesc]]] = []
         self.reset()
 
     # ------------------------------------------------------------ configuration
@@ -125,6 +143,7 @@ class Queue:
         self._log_addr = None
         self._tracker = None
         self._resubmit = []
+        self._resubmit_packed = []
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -366,6 +385,7 @@ class Queue:
         self._next_used, self._used_wrap = used, used_wrap
         self._used_explicit = self._features.packed
         self._resubmit = []
+        self._resubmit_packed = []
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -446,10 +466,11 @@ class Queue:
             return []
         engine = self._ring(mem)
         chains: list[DescriptorChain] = []
-        if self._resubmit:
+        if self._resubmit or self._resubmit_packed:
             chains = self._pop_resubmitted(mem, engine, limit)
             if len(chains) >= limit:
                 return chains
+        start = engine.positions[0] if isinstance(engine, PackedRing) else 0
         try:
             popped = engine.pop(mem, limit - len(chains))
         except DescriptorChainError:
@@ -458,19 +479,34 @@ class Queue:
             raise
         tracker = self._tracker
         if tracker is not None and popped:
-            tracker.begin([chain.head for chain in popped])
+            if isinstance(engine, PackedRing):
+                tracker = cast("PackedInflightTracker", tracker)
+                records = []
+                for chain in popped:
+                    records.append(engine.read_slots(start, chain.ring_slots))
+                    start = (start + chain.ring_slots) % self._size
+                tracker.begin_chains(records)
+            else:
+                cast("InflightTracker", tracker).begin([c.head for c in popped])
         return chains + popped if chains else popped
 
     def _pop_resubmitted(
         self, mem: GuestMemory, engine: SplitRing | PackedRing, limit: int
     ) -> list[DescriptorChain]:
         # The heads stay recorded (same counters): they are in flight.
-        assert isinstance(engine, SplitRing)
-        heads, self._resubmit = self._resubmit[:limit], self._resubmit[limit:]
-        chains, bad = engine.resubmit(mem, heads)
-        if bad and self._tracker is not None:
-            # Malformed now: forgotten, as a malformed new chain is consumed.
-            self._tracker.complete(bad, engine.next_used)
+        tracker = self._tracker
+        if isinstance(engine, PackedRing):
+            records = self._resubmit_packed[:limit]
+            self._resubmit_packed = self._resubmit_packed[limit:]
+            chains, bad = engine.resubmit(mem, records)
+            if bad and tracker is not None:
+                cast("PackedInflightTracker", tracker).drop(bad)
+        else:
+            heads, self._resubmit = self._resubmit[:limit], self._resubmit[limit:]
+            chains, bad = engine.resubmit(mem, heads)
+            if bad and tracker is not None:
+                # Malformed now: forgotten, as a malformed new chain is consumed.
+                tracker.complete(bad, engine.next_used)
         if bad and not chains:
             raise DescriptorChainError(
                 f"resubmitted descriptor chain(s) at head(s) {bad} are malformed"
@@ -531,6 +567,16 @@ class Queue:
         recordable = all(0 <= head < self._size for head in heads)
         if recordable:
             tracker.link(heads)
+        if isinstance(engine, PackedRing):
+            try:
+                engine.push(mem, flat)
+            except Exception:
+                if recordable:
+                    cast("PackedInflightTracker", tracker).unlink()
+                raise
+            if recordable:
+                tracker.complete(heads, self.next_used)
+            return
         engine.push(mem, flat)
         if recordable and isinstance(engine, SplitRing):
             tracker.complete(heads, engine.next_used)
@@ -545,14 +591,15 @@ class Queue:
         """
         self._tracker = None
         self._resubmit = []
+        self._resubmit_packed = []
         return 0
 
     @property
-    def inflight_tracker(self) -> InflightTracker | None:
+    def inflight_tracker(self) -> AnyInflightTracker | None:
         """The attached inflight tracker, or None."""
         return self._tracker
 
-    def set_inflight(self, mem: GuestMemory, tracker: InflightTracker | None) -> int:
+    def set_inflight(self, mem: GuestMemory, tracker: AnyInflightTracker | None) -> int:
         """Attach an inflight tracker (INFLIGHT_SHMFD) to the configured
         ring, or detach it (None).
 
@@ -564,14 +611,20 @@ class Queue:
         Returns:
             The number of heads to resubmit.
 
+        Packed rings: see the module rules (a PackedInflightTracker).
+
         Raises:
-            RingStateError: a packed ring (not supported), addresses not
-                set, or the used ring not in guest memory.
+            RingStateError: the tracker does not fit the ring kind,
+                addresses not set, or the used ring not in guest memory.
         """
         if tracker is None:
             return self.set_inflight_detached()
-        if self._features.packed:
-            raise RingStateError("inflight tracking of packed rings is not supported")
+        packed_tracker = isinstance(tracker, PackedInflightTracker)
+        if self._features.packed != packed_tracker:
+            kind = "packed" if self._features.packed else "split"
+            raise RingStateError(f"the inflight tracker does not fit a {kind} ring")
+        if isinstance(tracker, PackedInflightTracker):
+            return self._set_inflight_packed(mem, tracker)
         used = self.used_idx(mem)
         pending = tracker.recover(used)
         self._drop()
@@ -582,6 +635,49 @@ class Queue:
             self._walker.clear_inflight()
         self._tracker = tracker
         self._resubmit = list(pending)
+        return len(pending)
+
+    def _set_inflight_packed(
+        self, mem: GuestMemory, tracker: PackedInflightTracker
+    ) -> int:
+        if self._addresses is None:
+            raise RingStateError("queue addresses are not set")
+        desc, size = self._addresses[0], self._size
+
+        def published(slot: int, wrap: int) -> bool:
+            # Whether the used descriptor at `slot` was written with `wrap`.
+            if not 0 <= slot < size:
+                return False
+            try:
+                region, offset = mem.locate(GuestAddress(desc + 16 * slot), 16)
+            except UnmappedAddressError as exc:
+                raise RingStateError(
+                    f"descriptor ring at {desc:#x} is not in guest memory"
+                ) from exc
+            # ORDERING: acquire load of a descriptor's flags (read back when
+            # a ring starts).
+            flags = region.atomic.load_u16(offset + 14)
+            bit = DESC_F_AVAIL | DESC_F_USED
+            return flags & bit == (bit if wrap else 0)
+
+        used, used_wrap, pending = tracker.recover_packed(size, published)
+        if not 0 <= used < size:
+            raise RingStateError(
+                f"recorded used position {used} is not below the queue size {size}"
+            )
+        avail, avail_wrap = used + sum(len(d) for _, d in pending), used_wrap & 1
+        while avail >= size:
+            avail -= size
+            avail_wrap ^= 1
+        self._drop()
+        self._next_used, self._used_wrap = used, used_wrap & 1
+        self._next_avail, self._avail_wrap = avail, avail_wrap
+        self._used_explicit = True
+        if self._walker is not None:
+            self._walker.clear_inflight()
+        self._tracker = tracker
+        self._resubmit = []
+        self._resubmit_packed = list(pending)
         return len(pending)
 
     def enable_notification(self, mem: GuestMemory) -> bool:

@@ -29,7 +29,7 @@ from vubackend.memory import GuestAddress, GuestMemoryAtomic
 from vubackend.vring._chain import DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._queue import Queue
-from vubackend.vring._tracker import InflightTracker
+from vubackend.vring._tracker import AnyInflightTracker
 
 __all__ = ["VringState"]
 
@@ -340,7 +340,7 @@ class VringState:
         with self._mem.memory() as mem:
             return self._queue.used_idx(mem)
 
-    def set_inflight(self, tracker: InflightTracker | None) -> int:
+    def set_inflight(self, tracker: AnyInflightTracker | None) -> int:
         """Attach an inflight tracker to the configured ring (INFLIGHT_SHMFD),
         or detach it (None). See :meth:`Queue.set_inflight`: positions are
         recovered from it and its pending heads are resubmitted first.

@@ -12,13 +12,26 @@
 # * recover() runs once when the tracker is attached to a started ring and
 #   returns the heads to resubmit, oldest counter first.
 # * Calls are made under the ring's lock (VringMutex / VringRwLock).
+# * PackedInflightTracker (packed rings) records each popped chain's ring
+#   descriptors (begin_chains), since used descriptors overwrite the ring;
+#   recover_packed() returns the recorded used position and the chains to
+#   rebuild. unlink() undoes a link() whose push failed; drop() forgets
+#   chains that are malformed on resubmission.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
-__all__ = ["InflightTracker"]
+__all__ = [
+    "AnyInflightTracker",
+    "InflightTracker",
+    "PackedDesc",
+    "PackedInflightTracker",
+]
+
+# A recorded packed ring descriptor: (addr, len, id, flags).
+PackedDesc = tuple[int, int, int, int]
 
 
 class InflightTracker(Protocol):
@@ -47,3 +60,45 @@ class InflightTracker(Protocol):
         ``used_idx`` (``used->idx`` in guest memory), clear the last batch
         and record ``used_idx``; then return :meth:`pending`."""
         ...
+
+
+@runtime_checkable
+class PackedInflightTracker(Protocol):
+    """One queue's inflight record (packed rings)."""
+
+    def begin_chains(self, chains: Sequence[Sequence[PackedDesc]]) -> None:
+        """Record popped chains (in order): each one's ring descriptors; the
+        chain's id is the last one's."""
+        ...
+
+    def link(self, heads: Sequence[int]) -> None:
+        """Before the used descriptors of ids ``heads`` are written."""
+        ...
+
+    def unlink(self) -> None:
+        """Undo the last :meth:`link` (nothing was written)."""
+        ...
+
+    def complete(self, heads: Sequence[int], used_idx: int) -> None:
+        """After the used descriptors of ``heads`` were published."""
+        ...
+
+    def drop(self, heads: Sequence[int]) -> None:
+        """Forget ``heads`` (malformed on resubmission) without using them."""
+        ...
+
+    def pending(self) -> list[int]:
+        """Ids still in flight, oldest counter first."""
+        ...
+
+    def recover_packed(
+        self, ring_size: int, published: Callable[[int, int], bool]
+    ) -> tuple[int, int, list[tuple[int, list[PackedDesc]]]]:
+        """After a reconnect: settle a batch cut by the crash (``published
+        (slot, wrap)`` tells whether the used descriptor there was written)
+        and return (used slot, used wrap counter, pending chains oldest
+        first as ``(id, descriptors)``)."""
+        ...
+
+
+AnyInflightTracker = InflightTracker | PackedInflightTracker

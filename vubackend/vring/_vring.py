@@ -25,7 +25,7 @@ from vubackend.vring._chain import DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._rwlock import RwLock
 from vubackend.vring._state import VringState
-from vubackend.vring._tracker import InflightTracker
+from vubackend.vring._tracker import AnyInflightTracker
 
 __all__ = ["VringGuard", "VringMutex", "VringRwLock", "VringT"]
 
@@ -158,7 +158,7 @@ class VringT(Protocol):
         """``used.idx`` in guest memory."""
         ...
 
-    def set_inflight(self, tracker: InflightTracker | None) -> int:
+    def set_inflight(self, tracker: AnyInflightTracker | None) -> int:
         """Attach (or detach) an inflight tracker; the number to resubmit."""
         ...
 
@@ -445,7 +445,7 @@ class _LockedVring:
         with self._exclusive:
             self._state.set_queue_next_used(idx)
 
-    def set_inflight(self, tracker: InflightTracker | None) -> int:
+    def set_inflight(self, tracker: AnyInflightTracker | None) -> int:
         """Attach an inflight tracker (or detach: None); see
         :meth:`VringState.set_inflight`.
 
