@@ -91,13 +91,18 @@ from vubackend.vring._defs import (
 )
 from vubackend.vring._space import MemorySpace, RingPart
 from vubackend.vring._tracker import PackedDesc
-from vubackend.vring._walk import DESC, WalkError, fault_message, walk_packed
+from vubackend.vring._walk import (
+    DESC,
+    WalkError,
+    check_used_entries,
+    fault_message,
+    walk_packed,
+)
 
 __all__ = ["PackedRing", "check_packed_config", "decode_packed_base"]
 
 _LEN_ID: Final = struct.Struct("<IH")
 _FREE: Final = (1 << 64) - 1
-_U32_MAX: Final = 0xFFFF_FFFF
 _POS_MASK: Final = (1 << PACKED_WRAP_BIT) - 1
 
 
@@ -480,25 +485,9 @@ class PackedRing:
             self._mark(self._desc, DESC_SIZE * (count - first))
 
     def _push_python(self, entries: Sequence[int]) -> tuple[int, int]:
-        if len(entries) % 2:
-            raise ValueError("used entries must be (id, len) pairs")
         inflight = self._walker.inflight
         size = self._size
-        claimed: set[int] = set()
-        for k in range(0, len(entries), 2):
-            ident, length = entries[k], entries[k + 1]
-            if not (0 <= ident <= _U32_MAX and 0 <= length <= _U32_MAX):
-                raise ValueError(f"used entry ({ident}, {length}) is not two u32s")
-            if ident >= size:
-                code = RingFault.ID_RANGE
-            elif inflight[ident] == _FREE or ident in claimed:
-                code = RingFault.NOT_IN_FLIGHT
-            elif length > inflight[ident] & _U32_MAX:
-                code = RingFault.USED_LEN
-            else:
-                claimed.add(ident)
-                continue
-            raise ValueError(f"used entry {k // 2}: {fault_message(code, ident)}")
+        check_used_entries(entries, inflight, size)
         count = len(entries) // 2
         pos, wrap = self._next_used, self._used_wrap
         if count == 0:

@@ -98,14 +98,18 @@ from vubackend.vring._defs import (
     split_ring_sizes,
 )
 from vubackend.vring._space import MemorySpace, RingPart
-from vubackend.vring._walk import WalkError, fault_message, walk_split
+from vubackend.vring._walk import (
+    WalkError,
+    check_used_entries,
+    fault_message,
+    walk_split,
+)
 
 __all__ = ["SplitRing"]
 
 _U16: Final = struct.Struct("<H")
 _ELEM: Final = struct.Struct("<II")
 _FREE: Final = (1 << 64) - 1
-_U32_MAX: Final = 0xFFFF_FFFF
 
 
 def check_split_config(size: int, desc: int, avail: int, used: int) -> None:
@@ -472,25 +476,9 @@ class SplitRing:
         self._after_push(old, new, count)
 
     def _push_python(self, entries: Sequence[int]) -> int:
-        if len(entries) % 2:
-            raise ValueError("used entries must be (id, len) pairs")
         inflight = self._walker.inflight
         size = self._size
-        claimed: set[int] = set()
-        for k in range(0, len(entries), 2):
-            ident, length = entries[k], entries[k + 1]
-            if not (0 <= ident <= _U32_MAX and 0 <= length <= _U32_MAX):
-                raise ValueError(f"used entry ({ident}, {length}) is not two u32s")
-            if ident >= size:
-                code = RingFault.ID_RANGE
-            elif inflight[ident] == _FREE or ident in claimed:
-                code = RingFault.NOT_IN_FLIGHT
-            elif length > inflight[ident] & _U32_MAX:
-                code = RingFault.USED_LEN
-            else:
-                claimed.add(ident)
-                continue
-            raise ValueError(f"used entry {k // 2}: {fault_message(code, ident)}")
+        check_used_entries(entries, inflight, size)
         upart = self._upart
         view, base = upart.view, upart.offset + RING_HEADER
         pos = self._next_used

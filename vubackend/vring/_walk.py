@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
+from collections.abc import Sequence
 from typing import Final
 
 from vubackend._native import MAX_CHAIN_SEGMENTS, MAX_INDIRECT, RingFault
@@ -57,6 +58,7 @@ PACKED_HEAD: Final = struct.Struct("<QIH")
 SEG_WRITE: Final = 1 << 63
 _U64_LIMIT: Final = 1 << 64
 _FREE: Final = (1 << 64) - 1
+_U32_MAX: Final = 0xFFFF_FFFF
 
 
 class WalkError(Exception):
@@ -66,6 +68,35 @@ class WalkError(Exception):
         super().__init__(fault.name)
         self.fault = fault
         self.detail = detail
+
+
+def check_used_entries(
+    entries: Sequence[int], inflight: Sequence[int], size: int
+) -> None:
+    """Check (id, len) pairs before any of them is written to a used ring:
+    each id in range, in flight and used once, each len within the chain's
+    writable bytes (the Python mirror of the native push's checks).
+
+    Raises:
+        ValueError: the first bad entry, with the fault in words.
+    """
+    if len(entries) % 2:
+        raise ValueError("used entries must be (id, len) pairs")
+    claimed: set[int] = set()
+    for k in range(0, len(entries), 2):
+        ident, length = entries[k], entries[k + 1]
+        if not (0 <= ident <= _U32_MAX and 0 <= length <= _U32_MAX):
+            raise ValueError(f"used entry ({ident}, {length}) is not two u32s")
+        if ident >= size:
+            code = RingFault.ID_RANGE
+        elif inflight[ident] == _FREE or ident in claimed:
+            code = RingFault.NOT_IN_FLIGHT
+        elif length > inflight[ident] & _U32_MAX:
+            code = RingFault.USED_LEN
+        else:
+            claimed.add(ident)
+            continue
+        raise ValueError(f"used entry {k // 2}: {fault_message(code, ident)}")
 
 
 def fault_message(fault: RingFault, detail: int) -> str:
