@@ -1,8 +1,41 @@
 """vubackend.devices: ready devices built only on the public API.
 
 * :class:`RngDevice`: virtio-rng from the kernel's random source.
+* :class:`NetDevice`: virtio-net (header, MRG_RXBUF, multi-queue with one
+  worker per queue pair, control queue, MAC and link status in config
+  space, split and packed rings, IN_ORDER), exchanging frames with a
+  :class:`Link`; ``attach(daemon)`` after creating its daemon. Its counters
+  are a :class:`NetStats`; :class:`NetFeatures` names the feature bits.
+* Links: :class:`LoopbackLink` (every frame the guest sends comes back to
+  it), :class:`TapLink` (a Linux TAP device, frames both ways),
+  :class:`SinkLink` (counts and drops; can also send frames to the guest).
+  Subclass :class:`Link` for others; :func:`frame_pieces` and
+  :func:`frame_length` read a sent frame, ``Deliver`` is the callback a
+  looping link uses.
 """
 
+from vubackend.devices._net import NetDevice, NetFeatures, NetStats
+from vubackend.devices._net_links import (
+    Deliver,
+    Link,
+    LoopbackLink,
+    SinkLink,
+    TapLink,
+    frame_length,
+    frame_pieces,
+)
 from vubackend.devices._rng import RngDevice
 
-__all__ = ["RngDevice"]
+__all__ = [
+    "Deliver",
+    "Link",
+    "LoopbackLink",
+    "NetDevice",
+    "NetFeatures",
+    "NetStats",
+    "RngDevice",
+    "SinkLink",
+    "TapLink",
+    "frame_length",
+    "frame_pieces",
+]

@@ -5,8 +5,9 @@
 # Rules of this module:
 # - Every frame is preceded by the virtio-net header: 12 bytes with
 #   VERSION_1 (or MRG_RXBUF), all zero on TX (no offloads); on RX the header
-#   is stripped (num_buffers is read but merged buffers are not supported:
-#   each posted buffer is large enough for one frame).
+#   is stripped. With MRG_RXBUF a frame may span several RX buffers: the
+#   first one's header says how many (num_buffers), the others carry frame
+#   bytes only; a frame is returned once all of its buffers arrived.
 # - Queue 2k is RX (the device writes), 2k+1 is TX (the device reads).
 # - TX memory is freed when the device uses the chain; RX buffers are
 #   reposted after each received frame, so the RX ring stays full.
@@ -30,6 +31,7 @@ __all__ = ["NET_HEADER_SIZE", "NetDriver"]
 NET_HEADER_SIZE: Final = 12
 _HEADER: Final = struct.Struct("<BBHHHHH")
 _RX_BUFFER: Final = 2048
+_MRG_RXBUF: Final = 1 << 15
 
 
 @final
@@ -60,6 +62,12 @@ class NetDriver:
             frontend.ram, tx, features=features
         )
         self._rx_size = rx_buffer_size
+        self._mrg = bool(features & _MRG_RXBUF)
+        # A merged frame being assembled: its pieces and the buffers missing.
+        self._partial: list[bytes] = []
+        self._missing = 0
+        self.num_buffers: list[int] = []
+        """num_buffers of each frame received (MRG_RXBUF), in order."""
         self._tx_pending = 0
         self.sent = 0
         """Frames the device has consumed from TX."""
@@ -160,12 +168,18 @@ class NetDriver:
         deadline = time.monotonic() + timeout
         while len(frames) < count:
             used = self._rx.collect()
+            before = len(frames)
             for gpa, written in used:
                 data = ram.read(gpa, min(written, self._rx_size))
-                frames.append(data[NET_HEADER_SIZE:])
                 self._rx.add([], [(gpa, self._rx_size)], gpa)
+                if not self._mrg:
+                    frames.append(data[NET_HEADER_SIZE:])
+                    continue
+                frame = self._merge(data)
+                if frame is not None:
+                    frames.append(frame)
             if used:
-                self.received += len(used)
+                self.received += len(frames) - before
                 self._rx.kick()
                 continue
             left = deadline - time.monotonic()
@@ -173,3 +187,25 @@ class NetDriver:
                 break
             self._rx.sleep(left)
         return frames
+
+    def _merge(self, data: bytes) -> bytes | None:
+        # One used RX buffer under MRG_RXBUF; the frame when it is complete.
+        if self._missing == 0:
+            if len(data) < NET_HEADER_SIZE:
+                raise TransportError(
+                    f"virtio-net: RX buffer of {len(data)} bytes has no header"
+                )
+            count = _HEADER.unpack_from(data)[6]
+            if count < 1:
+                raise TransportError("virtio-net: num_buffers is 0")
+            self.num_buffers.append(count)
+            self._partial = [data[NET_HEADER_SIZE:]]
+            self._missing = count - 1
+        else:
+            self._partial.append(data)
+            self._missing -= 1
+        if self._missing:
+            return None
+        frame = b"".join(self._partial)
+        self._partial = []
+        return frame

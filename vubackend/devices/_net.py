@@ -1,0 +1,769 @@
+# virtio-net (virtio 1.x §5.1): queue pairs (RX 2k, TX 2k+1), a control
+# queue after them, the virtio-net header, MRG_RXBUF, MAC and link status in
+# config space. Frames go to and come from a Link (_net_links.py).
+#
+# Rules:
+# * Built only on the public daemon and vring API. One worker per queue pair
+#   (queues_per_thread); the control queue is served by worker 0. Every
+#   piece of per-pair state (_Pair) is touched only by that pair's worker,
+#   except the generation counter, which the request thread bumps when a
+#   ring of the pair (re)starts so that the worker forgets chains it held
+#   from the ring's previous life.
+# * The data path works per batch: chains are popped by the batch, returned
+#   with one add_used_many per ring per round, and the driver is signalled
+#   at most once per ring per round. Per frame there is one copy (TX buffer
+#   to RX buffer for the loopback; link buffer to RX buffer otherwise) and
+#   no header object: the header is packed into guest memory in place.
+# * Nothing is lost by the device itself: TX chains the link cannot take yet
+#   stay pending (in order, first next time), RX chains popped ahead stay as
+#   spares, and a frame from the link that found no room is kept until the
+#   guest posts buffers. Frames are dropped only when the guest's buffer
+#   cannot hold one (without MRG_RXBUF) or a chain is malformed; both are
+#   counted.
+# * The guest is hostile: short TX chains, RX chains without writable room
+#   or smaller than the header, and bad control commands are answered (used
+#   length 0, or VIRTIO_NET_ERR), counted and logged, never raised into the
+#   worker. A ring error (broken ring, unmapped memory) drops what the pair
+#   held and ends the round; the next kick starts afresh.
+# * No filtering: the device accepts every frame, as a promiscuous NIC; RX
+#   mode, MAC table and VLAN commands are acknowledged and remembered.
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import select
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, final
+
+from vubackend.daemon import VhostUserBackend
+from vubackend.devices._net_links import Link, frame_pieces
+from vubackend.errors import DescriptorChainError, DeviceError, RingStateError
+from vubackend.protocol import ProtocolFeatures, VirtioFeatures
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from vubackend.daemon import VhostUserDaemon, VringEpollHandler
+    from vubackend.vring import DescriptorChain, VringT
+
+__all__ = ["NetDevice", "NetFeatures", "NetStats"]
+
+log = logging.getLogger("vubackend.devices.net")
+
+
+class NetFeatures(enum.IntFlag):
+    """The virtio-net feature bits (virtio 1.x §5.1.3) the device knows."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    MTU = 1 << 3
+    MAC = 1 << 5
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    CTRL_RX_EXTRA = 1 << 20
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+
+
+@dataclass(frozen=True)
+class NetStats:
+    """Counters of a :class:`NetDevice`, all queue pairs together.
+
+    Attributes:
+        tx_frames: frames the guest sent that the link took.
+        tx_bytes: their bytes (headers not counted).
+        rx_frames: frames written into the guest's RX buffers.
+        rx_bytes: their bytes (headers not counted).
+        rx_dropped: frames dropped because an RX buffer could not hold them.
+        errors: malformed chains and refused control commands.
+        control_commands: control queue commands acknowledged with OK.
+    """
+
+    tx_frames: int
+    tx_bytes: int
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    errors: int
+    control_commands: int
+
+
+# The header (virtio 1.x §5.1.6): flags, gso_type, hdr_len, gso_size,
+# csum_start, csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF.
+_HEADER_V1: Final = struct.Struct("<BBHHHHH")
+HEADER_SIZE: Final = _HEADER_V1.size
+LEGACY_HEADER_SIZE: Final = 10
+# Link status (config space) and control queue (§5.1.6.5).
+_LINK_UP: Final = 1
+_CTRL_OK: Final = 0
+_CTRL_ERR: Final = 1
+_CLASS_RX, _CLASS_MAC, _CLASS_VLAN, _CLASS_ANNOUNCE, _CLASS_MQ = range(5)
+# A control command carries at most two MAC tables; a few KiB suffice.
+_CTRL_MAX: Final = 64 * 1024
+# Chains popped per call: a TX batch; RX chains popped ahead of need.
+TX_BATCH: Final = 256
+RX_BATCH: Final = 64
+# Frames taken from the link per round before TX gets a turn again.
+RX_BUDGET: Final = 256
+_MAX_QUEUE_PAIRS: Final = 127
+
+
+def _parse_mac(mac: str | bytes) -> bytes:
+    if isinstance(mac, bytes):
+        raw = mac
+    else:
+        parts = mac.split(":")
+        try:
+            raw = bytes(int(p, 16) for p in parts) if len(parts) == 6 else b""
+        except ValueError:
+            raw = b""
+        if any(len(p) not in (1, 2) for p in parts):
+            raw = b""
+    if len(raw) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address (six bytes, aa:bb:...)")
+    if raw[0] & 1:
+        raise ValueError(f"{mac!r} is a multicast address")
+    return raw
+
+
+def _random_mac() -> bytes:
+    # Locally administered, unicast.
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return bytes(raw)
+
+
+def _scatter(dst: list[memoryview], offset: int, src: Sequence[Buffer]) -> None:
+    # Copy the pieces of src, one after the other, into the concatenation of
+    # dst from byte `offset` on (the caller checked that it fits).
+    k = 0
+    while offset >= len(dst[k]):
+        offset -= len(dst[k])
+        k += 1
+    for piece in src:
+        data = memoryview(piece).cast("B")
+        while len(data):
+            view = dst[k]
+            n = min(len(view) - offset, len(data))
+            view[offset : offset + n] = data[:n]
+            data = data[n:]
+            offset += n
+            if offset == len(view):
+                k += 1
+                offset = 0
+
+
+def _ready(vring: VringT) -> bool:
+    with vring.get_ref() as state:
+        return state.get_queue().ready and state.is_enabled()
+
+
+@final
+class _Pair:
+    """One queue pair, as its worker sees it."""
+
+    __slots__ = (
+        "errors",
+        "gen_seen",
+        "index",
+        "pending",
+        "pending_rx",
+        "rx",
+        "rx_bytes",
+        "rx_dropped",
+        "rx_frames",
+        "rx_ok",
+        "rx_used",
+        "spare_at",
+        "spares",
+        "starved",
+        "tx",
+        "tx_blocked",
+        "tx_bytes",
+        "tx_frames",
+        "tx_used",
+        "wake",
+        "watching",
+    )
+
+    def __init__(self, index: int, wake: int) -> None:
+        self.index = index
+        self.wake = wake
+        self.rx: VringT | None = None
+        self.tx: VringT | None = None
+        self.gen_seen = 0
+        self.spares: list[DescriptorChain] = []
+        self.spare_at = 0
+        self.pending: list[DescriptorChain] = []
+        self.pending_rx: bytes | None = None
+        self.rx_used: list[tuple[int, int]] = []
+        self.tx_used: list[tuple[int, int]] = []
+        self.rx_ok = False
+        self.starved = False
+        self.tx_blocked = False
+        self.watching = False
+        self.tx_frames = self.tx_bytes = 0
+        self.rx_frames = self.rx_bytes = self.rx_dropped = 0
+        self.errors = 0
+
+    def forget(self) -> None:
+        # Chains of a ring that stopped or broke: never handed back.
+        self.spares = []
+        self.spare_at = 0
+        self.pending = []
+        self.pending_rx = None
+        self.rx_used = []
+        self.tx_used = []
+        self.starved = self.tx_blocked = False
+
+
+@final
+class NetDevice(VhostUserBackend):
+    """virtio-net, exchanging frames with a :class:`Link`.
+
+    Call :meth:`attach` with the daemon that serves the device (it watches
+    the link's fds on the workers), and :meth:`close` after the daemon's
+    close.
+
+    Args:
+        link: where frames go and come from (it is attached now).
+        queue_pairs: RX/TX queue pairs (MQ above 1); one worker each.
+        mac: the MAC address in config space (``"52:54:00:12:34:56"`` or 6
+            bytes); a random locally administered one by default.
+        control_queue: offer the control queue (CTRL_VQ, CTRL_RX,
+            CTRL_VLAN, CTRL_MAC_ADDR) after the data queues.
+        max_queue_size: the largest ring the front-end may set up.
+
+    Raises:
+        ValueError: a bad argument.
+        DeviceError: the link could not be opened.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes | None = None,
+        control_queue: bool = True,
+        max_queue_size: int = 1024,
+    ) -> None:
+        if not 1 <= queue_pairs <= _MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs {queue_pairs} is not in 1..127")
+        self._mac = _parse_mac(mac) if mac is not None else _random_mac()
+        self._pairs_max = queue_pairs
+        self._ctrl = control_queue
+        self._max_size = max_queue_size
+        self._link = link
+        self._acked = 0
+        self._header = HEADER_SIZE
+        self._mrg = False
+        self._log = False
+        self._usable = 1
+        self._ctrl_acked = False
+        self._gens = [0] * queue_pairs
+        self._handlers: list[VringEpollHandler] = []
+        self._control_ok = 0
+        self._control_errors = 0
+        self.rx_mode: dict[int, bool] = {}
+        """RX mode switches set by the driver (command -> on)."""
+        self.vlans: set[int] = set()
+        """VLAN ids the driver added."""
+        self.mac_table: tuple[list[bytes], list[bytes]] = ([], [])
+        """Unicast and multicast MAC filter tables set by the driver."""
+        self.active_pairs = 1
+        """Queue pairs the driver asked for (MQ VQ_PAIRS_SET)."""
+        wakes: list[int] = []
+        try:
+            for _ in range(queue_pairs):
+                wakes.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            link.attach(queue_pairs, self._deliver)
+        except BaseException:
+            for fd in wakes:
+                os.close(fd)
+            raise
+        self._pairs = [_Pair(k, fd) for k, fd in enumerate(wakes)]
+        self._closed = False
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def mac(self) -> bytes:
+        """The MAC address in config space (the driver may change it)."""
+        return self._mac
+
+    @property
+    def link(self) -> Link:
+        return self._link
+
+    @property
+    def queue_pairs(self) -> int:
+        return self._pairs_max
+
+    def stats(self) -> NetStats:
+        """The counters, summed over the queue pairs."""
+        pairs = self._pairs
+        return NetStats(
+            tx_frames=sum(p.tx_frames for p in pairs),
+            tx_bytes=sum(p.tx_bytes for p in pairs),
+            rx_frames=sum(p.rx_frames for p in pairs),
+            rx_bytes=sum(p.rx_bytes for p in pairs),
+            rx_dropped=sum(p.rx_dropped for p in pairs),
+            errors=sum(p.errors for p in pairs) + self._control_errors,
+            control_commands=self._control_ok,
+        )
+
+    def attach(self, daemon: VhostUserDaemon) -> None:
+        """Register the device's fds (a wake-up eventfd per pair, the
+        link's fds) on the workers of ``daemon``, which must serve this
+        device. Call once, before the daemon serves.
+
+        Raises:
+            DeviceError: already attached, or the daemon has other workers.
+        """
+        handlers = daemon.get_epoll_handlers()
+        if self._handlers:
+            raise DeviceError("the net device is already attached to a daemon")
+        if len(handlers) != self._pairs_max:
+            raise DeviceError(
+                f"the daemon has {len(handlers)} workers; the net device needs "
+                f"one per queue pair ({self._pairs_max})"
+            )
+        self._handlers = handlers
+        for pair, handler in zip(self._pairs, handlers, strict=True):
+            handler.register_listener(
+                pair.wake, select.EPOLLIN, self._token(pair.index)
+            )
+            self._watch(pair, True)
+
+    def close(self) -> None:
+        """Close the link and the device's fds (after the daemon closed)."""
+        if self._closed:
+            return
+        self._closed = True
+        for pair in self._pairs:
+            if self._handlers:
+                self._watch(pair, False)
+                self._handlers[pair.index].unregister_listener(pair.wake)
+            os.close(pair.wake)
+        self._link.close()
+
+    # ------------------------------------------------------------ backend API
+
+    def num_queues(self) -> int:
+        return 2 * self._pairs_max + (1 if self._ctrl else 0)
+
+    def max_queue_size(self) -> int:
+        return self._max_size
+
+    def features(self) -> int:
+        features = (
+            VirtioFeatures.VERSION_1
+            | VirtioFeatures.PROTOCOL_FEATURES
+            | VirtioFeatures.INDIRECT_DESC
+            | VirtioFeatures.EVENT_IDX
+            | VirtioFeatures.RING_PACKED
+            | VirtioFeatures.IN_ORDER
+        )
+        net = NetFeatures.MAC | NetFeatures.STATUS | NetFeatures.MRG_RXBUF
+        if self._ctrl:
+            net |= (
+                NetFeatures.CTRL_VQ
+                | NetFeatures.CTRL_RX
+                | NetFeatures.CTRL_VLAN
+                | NetFeatures.CTRL_MAC_ADDR
+            )
+        if self._pairs_max > 1:
+            net |= NetFeatures.MQ
+        return int(features) | int(net)
+
+    def protocol_features(self) -> ProtocolFeatures:
+        return ProtocolFeatures.MQ | ProtocolFeatures.CONFIG
+
+    def acked_features(self, features: int) -> None:
+        self._acked = features
+        self._mrg = bool(features & NetFeatures.MRG_RXBUF)
+        modern = features & (VirtioFeatures.VERSION_1 | NetFeatures.MRG_RXBUF)
+        self._header = HEADER_SIZE if modern else LEGACY_HEADER_SIZE
+        self._log = bool(features & VirtioFeatures.LOG_ALL)
+        self._ctrl_acked = self._ctrl and bool(features & NetFeatures.CTRL_VQ)
+        self._usable = self._pairs_max if features & NetFeatures.MQ else 1
+
+    def queues_per_thread(self) -> Sequence[int]:
+        masks = [0b11 << (2 * k) for k in range(self._pairs_max)]
+        if self._ctrl:
+            masks[0] |= 1 << (2 * self._pairs_max)
+        return masks
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        config = self._config()
+        if offset < 0 or size < 0 or offset + size > len(config):
+            return b""
+        return config[offset : offset + size]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > 6:
+            raise DeviceError(
+                f"virtio-net config write at {offset} (+{len(data)}): only the "
+                f"MAC address (bytes 0-5) is writable"
+            )
+        mac = bytearray(self._mac)
+        mac[offset : offset + len(data)] = data
+        self._mac = bytes(mac)
+
+    def reset_device(self) -> None:
+        self._bump_all()
+        self.active_pairs = 1
+
+    def queue_started(self, index: int, vring: VringT) -> None:
+        del vring
+        pair = index // 2
+        if pair < self._pairs_max:
+            self._gens[pair] += 1
+            os.eventfd_write(self._pairs[pair].wake, 1)
+
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
+    ) -> None:
+        del evset
+        if device_event == 2 and thread_id == 0:
+            if self._ctrl_acked and self._usable == self._pairs_max:
+                self._control(vrings[2])
+            return
+        pair = self._pairs[thread_id]
+        if device_event > 2:
+            if device_event == self._token(thread_id):
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(pair.wake)
+        elif self._ctrl_acked and self._usable == 1 and thread_id == 1:
+            # Without MQ the control queue is queue 2: pair 1's RX slot.
+            if device_event == 0:
+                self._control(vrings[0])
+            return
+        if pair.rx is None:
+            pair.rx, pair.tx = vrings[0], vrings[1]
+        if thread_id < self._usable:
+            self._pump(pair)
+
+    # ------------------------------------------------------------ data path
+
+    def _token(self, pair: int) -> int:
+        # Listener tokens above the ring indices: wake-ups, then link fds.
+        return self.num_queues() + 1 + 2 * pair
+
+    def _watch(self, pair: _Pair, on: bool) -> None:
+        fd = self._link.fileno(pair.index)
+        if fd is None or not self._handlers or on == pair.watching:
+            return
+        handler = self._handlers[pair.index]
+        if on:
+            handler.register_listener(fd, select.EPOLLIN, self._token(pair.index) + 1)
+        else:
+            handler.unregister_listener(fd)
+        pair.watching = on
+
+    def _bump_all(self) -> None:
+        for k in range(self._pairs_max):
+            self._gens[k] += 1
+
+    def _pump(self, p: _Pair) -> None:
+        rx, tx = p.rx, p.tx
+        assert rx is not None
+        assert tx is not None
+        if p.gen_seen != self._gens[p.index]:
+            p.gen_seen = self._gens[p.index]
+            p.forget()
+        try:
+            p.rx_ok = _ready(rx)
+            tx_ok = _ready(tx)
+            if not p.rx_ok:
+                p.spares, p.spare_at = [], 0
+            while True:
+                p.starved = False
+                moved = self._transmit(p, tx) if tx_ok else 0
+                if p.rx_ok:
+                    moved += self._receive(p)
+                self._flush(p, rx, tx)
+                if moved:
+                    continue
+                again = False
+                if tx_ok and not p.tx_blocked:
+                    again = tx.enable_notification()
+                if p.rx_ok:
+                    if p.starved:
+                        again = rx.enable_notification() or again
+                    else:
+                        rx.disable_notification()
+                if not again:
+                    break
+            self._watch(p, p.rx_ok and p.pending_rx is None)
+        except (RingStateError, DescriptorChainError, ValueError) as exc:
+            # ValueError: a chain's memory was unmapped under it, or the
+            # ring refused a used entry. The pair starts afresh.
+            log.warning("net: queue pair %d: %s; dropping its chains", p.index, exc)
+            p.errors += 1
+            p.forget()
+
+    def _transmit(self, p: _Pair, tx: VringT) -> int:
+        done = 0
+        p.tx_blocked = False
+        header = self._header
+        tx.disable_notification()
+        while True:
+            if p.pending:
+                chains, p.pending = p.pending, []
+            else:
+                chains = tx.pop_chains(TX_BATCH)
+                if not chains:
+                    return done
+            taken = self._link.transmit(p.index, chains, header)
+            used = p.tx_used
+            size = 0
+            for chain in chains[:taken] if taken < len(chains) else chains:
+                used.append((chain.head, 0))
+                size += chain.readable_len
+            p.tx_frames += taken
+            p.tx_bytes += max(size - header * taken, 0)
+            done += taken
+            if taken < len(chains):
+                p.pending = chains[taken:]
+                p.tx_blocked = True
+                return done
+            if len(chains) < TX_BATCH:
+                return done
+
+    def _receive(self, p: _Pair) -> int:
+        done = 0
+        if p.pending_rx is not None:
+            frame = p.pending_rx
+            if not self._write_frame(p, (frame,), len(frame)):
+                return 0
+            p.pending_rx = None
+            done += 1
+        link = self._link
+        while done < RX_BUDGET:
+            frame_buf = link.receive(p.index)
+            if frame_buf is None:
+                break
+            view = memoryview(frame_buf)
+            if not self._write_frame(p, (view,), view.nbytes):
+                # No room: keep a copy until the guest posts buffers.
+                p.pending_rx = view.tobytes()
+                break
+            done += 1
+        return done
+
+    def _deliver(
+        self, pair: int, chains: Sequence[DescriptorChain], header: int
+    ) -> int:
+        # The loopback path: TX chains of `pair` into its RX queue.
+        p = self._pairs[pair]
+        for k, chain in enumerate(chains):
+            length = chain.readable_len - header
+            if length <= 0:
+                p.errors += 1
+                continue
+            if not self._write_frame(p, frame_pieces(chain, header), length):
+                return k
+        return len(chains)
+
+    def _take_rx(self, p: _Pair) -> DescriptorChain | None:
+        spares = p.spares
+        if p.spare_at < len(spares):
+            chain = spares[p.spare_at]
+            p.spare_at += 1
+            return chain
+        if not p.rx_ok or p.rx is None:
+            p.starved = True
+            return None
+        batch = p.rx.pop_chains(RX_BATCH)
+        if not batch:
+            p.spares, p.spare_at = [], 0
+            p.starved = True
+            return None
+        p.spares, p.spare_at = batch, 1
+        return batch[0]
+
+    def _give_back(self, p: _Pair, chains: list[DescriptorChain]) -> None:
+        # Chains taken for a frame that did not fit: first in line next time.
+        p.spares = chains + p.spares[p.spare_at :]
+        p.spare_at = 0
+
+    def _write_frame(self, p: _Pair, src: Sequence[Buffer], length: int) -> bool:
+        # One frame into RX chains, header first. False: no room (nothing
+        # written, the chains taken are kept for next time).
+        header = self._header
+        need = header + length
+        first = self._take_rx(p)
+        if first is None:
+            return False
+        room = first.writable_len
+        if not self._mrg:
+            if room < need:
+                p.rx_used.append((first.head, 0))
+                p.rx_dropped += 1
+                return True
+            chains = [first]
+        else:
+            while room < header:  # not even the header fits: refuse it
+                p.rx_used.append((first.head, 0))
+                p.errors += 1
+                nxt = self._take_rx(p)
+                if nxt is None:
+                    return False
+                first, room = nxt, nxt.writable_len
+            chains = [first]
+            while room < need:
+                chain = self._take_rx(p)
+                if chain is None:
+                    self._give_back(p, chains)
+                    return False
+                if chain.writable_len == 0:
+                    p.rx_used.append((chain.head, 0))
+                    p.errors += 1
+                    continue
+                chains.append(chain)
+                room += chain.writable_len
+        count = len(chains)
+        if count == 1:
+            views = first.writable_buffers()
+            dst = views[0]
+            if len(views) == 1 and len(src) == 1 and header == HEADER_SIZE:
+                _HEADER_V1.pack_into(dst, 0, 0, 0, 0, 0, 0, 0, 1)
+                dst[header:need] = src[0]
+            else:
+                _scatter(views, 0, (self._header_bytes(1), *src))
+            p.rx_used.append((first.head, need))
+            if self._log:
+                first.mark_written(need)
+        else:
+            views = [v for c in chains for v in c.writable_buffers()]
+            _scatter(views, 0, (self._header_bytes(count), *src))
+            left = need
+            for chain in chains:
+                n = min(chain.writable_len, left)
+                p.rx_used.append((chain.head, n))
+                if self._log:
+                    chain.mark_written(n)
+                left -= n
+        p.rx_frames += 1
+        p.rx_bytes += length
+        return True
+
+    def _header_bytes(self, buffers: int) -> bytes:
+        if self._header == HEADER_SIZE:
+            return _HEADER_V1.pack(0, 0, 0, 0, 0, 0, buffers)
+        return bytes(LEGACY_HEADER_SIZE)
+
+    def _flush(self, p: _Pair, rx: VringT, tx: VringT) -> None:
+        if p.tx_used:
+            tx.add_used_many(p.tx_used)
+            p.tx_used = []
+            tx.signal_if_needed()
+        if p.rx_used:
+            rx.add_used_many(p.rx_used)
+            p.rx_used = []
+            rx.signal_if_needed()
+
+    # ------------------------------------------------------------ config, control
+
+    def _config(self) -> bytes:
+        # struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu,
+        # speed (unknown), duplex (unknown).
+        return self._mac + struct.pack(
+            "<HHHIB", _LINK_UP, self._pairs_max, 1500, 0xFFFFFFFF, 0xFF
+        )
+
+    def _control(self, vring: VringT) -> None:
+        try:
+            while True:
+                vring.disable_notification()
+                used = [(c.head, self._command(c)) for c in vring.pop_chains()]
+                if used:
+                    vring.add_used_many(used)
+                    vring.signal_if_needed()
+                if not vring.enable_notification():
+                    return
+        except (RingStateError, DescriptorChainError, ValueError) as exc:
+            log.warning("net: control queue: %s", exc)
+            self._control_errors += 1
+
+    def _command(self, chain: DescriptorChain) -> int:
+        if chain.readable_len < 2 or chain.writable_len < 1:
+            log.warning(
+                "net: control command without room for class, command and ack "
+                "(%d readable, %d writable bytes); not answered",
+                chain.readable_len,
+                chain.writable_len,
+            )
+            self._control_errors += 1
+            return 0
+        data = chain.read(min(chain.readable_len, _CTRL_MAX))
+        ack = self._apply(data[0], data[1], data[2:])
+        if ack == _CTRL_OK:
+            self._control_ok += 1
+        else:
+            self._control_errors += 1
+            log.info("net: control command class %d cmd %d refused", data[0], data[1])
+        return chain.write(bytes([ack]))
+
+    def _apply(self, cls: int, cmd: int, body: bytes) -> int:
+        acked = self._acked
+        if cls == _CLASS_RX and acked & NetFeatures.CTRL_RX:
+            if cmd in (0, 1) and len(body) >= 1:  # PROMISC, ALLMULTI
+                self.rx_mode[cmd] = bool(body[0])
+                return _CTRL_OK
+        elif cls == _CLASS_MAC:
+            if cmd == 1 and len(body) == 6 and acked & NetFeatures.CTRL_MAC_ADDR:
+                if body[0] & 1:
+                    return _CTRL_ERR
+                self._mac = bytes(body)  # ADDR_SET
+                return _CTRL_OK
+            if cmd == 0:  # TABLE_SET: two {le32 entries; u8 macs[][6]}
+                tables = _mac_tables(body)
+                if tables is not None:
+                    self.mac_table = tables
+                    return _CTRL_OK
+        elif cls == _CLASS_VLAN and acked & NetFeatures.CTRL_VLAN:
+            if cmd in (0, 1) and len(body) >= 2:  # ADD, DEL
+                vid = int.from_bytes(body[:2], "little")
+                if vid < 4096:
+                    if cmd == 0:
+                        self.vlans.add(vid)
+                    else:
+                        self.vlans.discard(vid)
+                    return _CTRL_OK
+        elif cls == _CLASS_ANNOUNCE and cmd == 0:
+            return _CTRL_OK
+        elif cls == _CLASS_MQ and cmd == 0 and acked & NetFeatures.MQ:
+            pairs = int.from_bytes(body[:2], "little") if len(body) >= 2 else 0
+            if 1 <= pairs <= self._pairs_max:
+                self.active_pairs = pairs
+                return _CTRL_OK
+        return _CTRL_ERR
+
+
+def _mac_tables(body: bytes) -> tuple[list[bytes], list[bytes]] | None:
+    tables: list[list[bytes]] = []
+    at = 0
+    for _ in range(2):
+        if at + 4 > len(body):
+            return None
+        entries = int.from_bytes(body[at : at + 4], "little")
+        at += 4
+        if entries > (len(body) - at) // 6:
+            return None
+        tables.append([body[at + 6 * i : at + 6 * i + 6] for i in range(entries)])
+        at += 6 * entries
+    if at != len(body):
+        return None
+    return tables[0], tables[1]
