@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,4 +189,159 @@ def run_testpmd(
     finally:
         _stop(process, signal.SIGINT)
         # EAL's runtime directory (its config and sockets) is left behind.
+        shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- virtio-user
+
+_PROMPT = b"testpmd> "
+_NIC_STATS = re.compile(
+    r"NIC statistics for port (\d+).*?RX-packets:\s*(\d+)\s+RX-missed:\s*(\d+)"
+    r".*?RX-errors:\s*(\d+).*?TX-packets:\s*(\d+)\s+TX-errors:\s*(\d+)",
+    re.S,
+)
+
+
+@dataclass
+class NicStats:
+    """A port's counters from testpmd's ``show port stats``."""
+
+    rx_packets: int
+    rx_missed: int
+    rx_errors: int
+    tx_packets: int
+    tx_errors: int
+
+
+class VirtioUser:
+    """dpdk-testpmd in interactive mode with one virtio-user port, driven
+    through its stdin; what it prints goes to ``log`` (read by a thread, so
+    that its pipe never fills)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process = process
+        self.log = log
+        self._out = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        fd = stdout.fileno()
+        with self.log.open("wb") as log:
+            while chunk := os.read(fd, 65536):
+                log.write(chunk)
+                log.flush()
+                with self._lock:
+                    self._out += chunk
+
+    def output(self) -> str:
+        with self._lock:
+            return self._out.decode(errors="replace")
+
+    def _prompts(self) -> int:
+        with self._lock:
+            return self._out.count(_PROMPT)
+
+    def wait_prompt(self, count: int, timeout: float = START_TIMEOUT) -> None:
+        """Wait until testpmd printed its prompt ``count`` times in all."""
+        deadline = time.monotonic() + timeout
+        while self._prompts() < count:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"testpmd exited with {self.process.returncode}:\n"
+                    f"{self.output()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"testpmd gave no prompt within {timeout} s:\n"
+                    f"{self.output()[-3000:]}"
+                )
+            time.sleep(0.02)
+
+    def command(self, line: str, timeout: float = START_TIMEOUT) -> str:
+        """Run one command and wait for the next prompt; returns what it
+        printed."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        before = self._prompts()
+        start = len(self.output())
+        stdin.write(line.encode() + b"\n")
+        stdin.flush()
+        self.wait_prompt(before + 1, timeout)
+        return self.output()[start:]
+
+    def port_stats(self) -> NicStats:
+        """Port 0's counters since testpmd started."""
+        text = self.command("show port stats 0")
+        match = _NIC_STATS.search(text)
+        if match is None:
+            raise RuntimeError(f"cannot parse testpmd's port statistics:\n{text}")
+        _, rx, missed, rx_err, tx, tx_err = (int(g) for g in match.groups())
+        return NicStats(rx, missed, rx_err, tx, tx_err)
+
+    def quit(self) -> None:
+        """Quit testpmd (it closes its port: the backend sees a disconnect)."""
+        stdin = self.process.stdin
+        if self.process.poll() is None and stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.write(b"quit\n")
+                stdin.flush()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _stop(self.process, signal.SIGKILL)
+        self._reader.join(timeout=5)
+
+
+@contextlib.contextmanager
+def virtio_user(
+    workdir: Path,
+    socket: Path,
+    *,
+    queues: int = 1,
+    packed: bool = False,
+    mrg_rxbuf: bool = True,
+    in_order: bool = True,
+    server: bool = False,
+    queue_size: int = 256,
+    cpu: int = 1,
+    name: str = "vu",
+) -> Iterator[VirtioUser]:
+    """Start dpdk-testpmd (interactive, no hugepages) with a virtio-user
+    port on ``socket``; both its lcores are pinned to ``cpu``. With
+    ``server`` virtio-user listens and testpmd waits for the backend to
+    connect before it gives its prompt. Killed afterwards."""
+    binary = require(TESTPMD, "dpdk-dev")
+    log = workdir / f"{name}-testpmd.log"
+    prefix = f"vubt{os.getpid()}{name}"
+    devargs = (
+        f"net_virtio_user0,path={socket},queues={queues},queue_size={queue_size},"
+        f"packed_vq={int(packed)},mrg_rxbuf={int(mrg_rxbuf)},"
+        f"in_order={int(in_order)},server={int(server)}"
+    )
+    # stdbuf: testpmd prints with stdio, which a pipe would buffer past the
+    # prompt (cmdline writes that directly).
+    process = subprocess.Popen(
+        [
+            "stdbuf", "-o0", binary, "--lcores", f"0@{cpu},1@{cpu}",
+            "--no-pci", "--no-huge",
+            "-m", "512", f"--file-prefix={prefix}", "--log-level=lib.eal:error",
+            "--vdev", devargs,
+            "--", "-i", f"--rxq={queues}", f"--txq={queues}", "--nb-cores=1",
+            "--total-num-mbufs=16384",
+        ],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    peer = VirtioUser(process, log)
+    try:
+        yield peer
+    finally:
+        _stop(process, signal.SIGKILL)
+        peer._reader.join(timeout=5)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
         shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)

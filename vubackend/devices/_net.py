@@ -309,9 +309,10 @@ class NetDevice(VhostUserBackend):
     def queue_pairs(self) -> int:
         return self._pairs_max
 
-    def stats(self) -> NetStats:
-        """The counters, summed over the queue pairs."""
-        pairs = self._pairs
+    def stats(self, pair: int | None = None) -> NetStats:
+        """The counters, summed over the queue pairs, or of one pair (its
+        control queue counters are the device's)."""
+        pairs = self._pairs if pair is None else [self._pairs[pair]]
         return NetStats(
             tx_frames=sum(p.tx_frames for p in pairs),
             tx_bytes=sum(p.tx_bytes for p in pairs),
