@@ -173,7 +173,8 @@ class _Pair:
 
     __slots__ = (
         "errors",
-        "gen_seen",
+        "seen_rx",
+        "seen_tx",
         "index",
         "pending",
         "pending_rx",
@@ -200,7 +201,7 @@ class _Pair:
         self.wake = wake
         self.rx: VringT | None = None
         self.tx: VringT | None = None
-        self.gen_seen = 0
+        self.seen_rx = self.seen_tx = 0
         self.spares: list[DescriptorChain] = []
         self.spare_at = 0
         self.pending: list[DescriptorChain] = []
@@ -215,15 +216,18 @@ class _Pair:
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.errors = 0
 
-    def forget(self) -> None:
-        # Chains of a ring that stopped or broke: never handed back.
-        self.spares = []
-        self.spare_at = 0
-        self.pending = []
-        self.pending_rx = None
-        self.rx_used = []
-        self.tx_used = []
-        self.starved = self.tx_blocked = False
+    def forget(self, *, rx: bool = True, tx: bool = True) -> None:
+        # Chains of a ring that restarted or broke: never handed back. A
+        # frame from the link waiting for room is not a chain: it stays.
+        if rx:
+            self.spares = []
+            self.spare_at = 0
+            self.rx_used = []
+            self.starved = False
+        if tx:
+            self.pending = []
+            self.tx_used = []
+            self.tx_blocked = False
 
 
 @final
@@ -270,7 +274,8 @@ class NetDevice(VhostUserBackend):
         self._log = False
         self._usable = 1
         self._ctrl_acked = False
-        self._gens = [0] * queue_pairs
+        # Starts of each data ring (bumped by the request thread).
+        self._gens = [0] * (2 * queue_pairs)
         self._handlers: list[VringEpollHandler] = []
         self._control_ok = 0
         self._control_errors = 0
@@ -427,10 +432,9 @@ class NetDevice(VhostUserBackend):
 
     def queue_started(self, index: int, vring: VringT) -> None:
         del vring
-        pair = index // 2
-        if pair < self._pairs_max:
-            self._gens[pair] += 1
-            os.eventfd_write(self._pairs[pair].wake, 1)
+        if index < 2 * self._pairs_max:
+            self._gens[index] += 1
+            os.eventfd_write(self._pairs[index // 2].wake, 1)
 
     def handle_event(
         self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
@@ -473,16 +477,17 @@ class NetDevice(VhostUserBackend):
         pair.watching = on
 
     def _bump_all(self) -> None:
-        for k in range(self._pairs_max):
+        for k in range(2 * self._pairs_max):
             self._gens[k] += 1
 
     def _pump(self, p: _Pair) -> None:
         rx, tx = p.rx, p.tx
         assert rx is not None
         assert tx is not None
-        if p.gen_seen != self._gens[p.index]:
-            p.gen_seen = self._gens[p.index]
-            p.forget()
+        gen_rx, gen_tx = self._gens[2 * p.index], self._gens[2 * p.index + 1]
+        if (gen_rx, gen_tx) != (p.seen_rx, p.seen_tx):
+            p.forget(rx=gen_rx != p.seen_rx, tx=gen_tx != p.seen_tx)
+            p.seen_rx, p.seen_tx = gen_rx, gen_tx
         try:
             p.rx_ok = _ready(rx)
             tx_ok = _ready(tx)
