@@ -5,7 +5,10 @@ hostile buffers."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -416,4 +419,91 @@ def test_tap_link_missing_control_device_is_a_clear_error(tmp_path: Path) -> Non
     before = open_fds()
     with pytest.raises(DeviceError, match="cannot open TAP device"):
         NetDevice(TapLink("vubt0", path=str(tmp_path / "no-tun")))
+    assert open_fds() == before
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+GUEST_MAC = bytes.fromhex("525400000002")
+GUEST_IP = bytes([169, 254, 77, 2])
+HOST_IP = bytes([169, 254, 77, 1])
+
+
+def arp_request() -> bytes:
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + GUEST_MAC + GUEST_IP
+    arp += bytes(6) + HOST_IP
+    return b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + arp
+
+
+def echo_request(dst_mac: bytes, seq: int) -> bytes:
+    payload = b"vubackend ping %05d" % seq
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x7562, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0, GUEST_IP, HOST_IP
+    )
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return dst_mac + GUEST_MAC + b"\x08\x00" + ip + icmp
+
+
+def ip_cmd(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to make a network namespace")
+    name = f"vubt{os.getpid()}"
+    ip_cmd("netns", "add", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_tap_link_pings_a_kernel_in_a_namespace(
+    tmp_path: Path, netns: str, packed: bool
+) -> None:
+    """A new TAP device, moved into a namespace with a link-local address:
+    the guest (our frontend) resolves it with ARP and pings it; the kernel
+    answers every echo request through the TAP device."""
+    before = open_fds()
+    tap = f"vubt{os.getpid() % 100000}"
+    device = NetDevice(TapLink(tap), mac=GUEST_MAC)
+    ip_cmd("link", "set", tap, "netns", netns)
+    ip_cmd("-n", netns, "addr", "add", "169.254.77.1/24", "dev", tap)
+    ip_cmd("-n", netns, "link", "set", tap, "up")
+    replies = 0
+    with served(device, tmp_path) as path, connect(path, V1 | MRG, packed=packed) as fe:
+        net = NetDriver(fe, fe.setup_queue(0, 64), fe.setup_queue(1, 64))
+        fe.start_device()
+        net.post_rx_buffers()
+        host_mac = None
+        for _ in range(50):
+            net.send([arp_request()])
+            for frame in net.receive(4, timeout=0.2):
+                if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02":
+                    host_mac = frame[22:28]
+            if host_mac is not None:
+                break
+        assert host_mac is not None, "no ARP reply from the namespace"
+        for seq in range(100):
+            net.send([echo_request(host_mac, seq)])
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                got = net.receive(1, timeout=0.2)
+                if got and got[0][12:14] == b"\x08\x00" and got[0][34] == 0:
+                    assert got[0][40:42] == struct.pack("!H", seq)
+                    replies += 1
+                    break
+    assert replies == 100
     assert open_fds() == before
