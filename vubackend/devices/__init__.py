@@ -14,7 +14,8 @@
   looping link uses.
 """
 
-from vubackend.devices._net import NetDevice, NetFeatures, NetStats
+from vubackend.devices._net import NetDevice, NetStats
+from vubackend.devices._net_control import NetFeatures
 from vubackend.devices._net_links import (
     Deliver,
     Link,

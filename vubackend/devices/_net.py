@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import select
@@ -41,6 +40,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
 from vubackend.daemon import VhostUserBackend
+from vubackend.devices._net_control import (
+    CTRL_OK,
+    ControlState,
+    NetFeatures,
+    parse_mac,
+    random_mac,
+)
 from vubackend.devices._net_links import Link, frame_pieces
 from vubackend.errors import DescriptorChainError, DeviceError, RingStateError
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
@@ -54,24 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["NetDevice", "NetFeatures", "NetStats"]
 
 log = logging.getLogger("vubackend.devices.net")
-
-
-class NetFeatures(enum.IntFlag):
-    """The virtio-net feature bits (virtio 1.x §5.1.3) the device knows."""
-
-    CSUM = 1 << 0
-    GUEST_CSUM = 1 << 1
-    MTU = 1 << 3
-    MAC = 1 << 5
-    MRG_RXBUF = 1 << 15
-    STATUS = 1 << 16
-    CTRL_VQ = 1 << 17
-    CTRL_RX = 1 << 18
-    CTRL_VLAN = 1 << 19
-    CTRL_RX_EXTRA = 1 << 20
-    GUEST_ANNOUNCE = 1 << 21
-    MQ = 1 << 22
-    CTRL_MAC_ADDR = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -102,11 +90,8 @@ class NetStats:
 _HEADER_V1: Final = struct.Struct("<BBHHHHH")
 HEADER_SIZE: Final = _HEADER_V1.size
 LEGACY_HEADER_SIZE: Final = 10
-# Link status (config space) and control queue (§5.1.6.5).
+# Link status (config space).
 _LINK_UP: Final = 1
-_CTRL_OK: Final = 0
-_CTRL_ERR: Final = 1
-_CLASS_RX, _CLASS_MAC, _CLASS_VLAN, _CLASS_ANNOUNCE, _CLASS_MQ = range(5)
 # A control command carries at most two MAC tables; a few KiB suffice.
 _CTRL_MAX: Final = 64 * 1024
 # Chains popped per call: a TX batch; RX chains popped ahead of need.
@@ -115,31 +100,6 @@ RX_BATCH: Final = 64
 # Frames taken from the link per round before TX gets a turn again.
 RX_BUDGET: Final = 256
 _MAX_QUEUE_PAIRS: Final = 127
-
-
-def _parse_mac(mac: str | bytes) -> bytes:
-    if isinstance(mac, bytes):
-        raw = mac
-    else:
-        parts = mac.split(":")
-        try:
-            raw = bytes(int(p, 16) for p in parts) if len(parts) == 6 else b""
-        except ValueError:
-            raw = b""
-        if any(len(p) not in (1, 2) for p in parts):
-            raw = b""
-    if len(raw) != 6:
-        raise ValueError(f"{mac!r} is not a MAC address (six bytes, aa:bb:...)")
-    if raw[0] & 1:
-        raise ValueError(f"{mac!r} is a multicast address")
-    return raw
-
-
-def _random_mac() -> bytes:
-    # Locally administered, unicast.
-    raw = bytearray(os.urandom(6))
-    raw[0] = (raw[0] & 0xFC) | 0x02
-    return bytes(raw)
 
 
 def _scatter(dst: list[memoryview], offset: int, src: Sequence[Buffer]) -> None:
@@ -173,8 +133,6 @@ class _Pair:
 
     __slots__ = (
         "errors",
-        "seen_rx",
-        "seen_tx",
         "index",
         "pending",
         "pending_rx",
@@ -184,6 +142,8 @@ class _Pair:
         "rx_frames",
         "rx_ok",
         "rx_used",
+        "seen_rx",
+        "seen_tx",
         "spare_at",
         "spares",
         "starved",
@@ -263,7 +223,9 @@ class NetDevice(VhostUserBackend):
     ) -> None:
         if not 1 <= queue_pairs <= _MAX_QUEUE_PAIRS:
             raise ValueError(f"queue_pairs {queue_pairs} is not in 1..127")
-        self._mac = _parse_mac(mac) if mac is not None else _random_mac()
+        self._state = ControlState(
+            parse_mac(mac) if mac is not None else random_mac(), queue_pairs
+        )
         self._pairs_max = queue_pairs
         self._ctrl = control_queue
         self._max_size = max_queue_size
@@ -279,14 +241,6 @@ class NetDevice(VhostUserBackend):
         self._handlers: list[VringEpollHandler] = []
         self._control_ok = 0
         self._control_errors = 0
-        self.rx_mode: dict[int, bool] = {}
-        """RX mode switches set by the driver (command -> on)."""
-        self.vlans: set[int] = set()
-        """VLAN ids the driver added."""
-        self.mac_table: tuple[list[bytes], list[bytes]] = ([], [])
-        """Unicast and multicast MAC filter tables set by the driver."""
-        self.active_pairs = 1
-        """Queue pairs the driver asked for (MQ VQ_PAIRS_SET)."""
         wakes: list[int] = []
         try:
             for _ in range(queue_pairs):
@@ -304,7 +258,27 @@ class NetDevice(VhostUserBackend):
     @property
     def mac(self) -> bytes:
         """The MAC address in config space (the driver may change it)."""
-        return self._mac
+        return self._state.mac
+
+    @property
+    def rx_mode(self) -> dict[int, bool]:
+        """RX mode switches the driver set (command number -> on)."""
+        return self._state.rx_mode
+
+    @property
+    def vlans(self) -> set[int]:
+        """VLAN ids the driver added."""
+        return self._state.vlans
+
+    @property
+    def mac_table(self) -> tuple[list[bytes], list[bytes]]:
+        """The unicast and multicast MAC tables the driver set."""
+        return self._state.mac_table
+
+    @property
+    def active_pairs(self) -> int:
+        """Queue pairs the driver asked for (MQ VQ_PAIRS_SET)."""
+        return self._state.active_pairs
 
     @property
     def link(self) -> Link:
@@ -422,13 +396,13 @@ class NetDevice(VhostUserBackend):
                 f"virtio-net config write at {offset} (+{len(data)}): only the "
                 f"MAC address (bytes 0-5) is writable"
             )
-        mac = bytearray(self._mac)
+        mac = bytearray(self._state.mac)
         mac[offset : offset + len(data)] = data
-        self._mac = bytes(mac)
+        self._state.mac = bytes(mac)
 
     def reset_device(self) -> None:
         self._bump_all()
-        self.active_pairs = 1
+        self._state.active_pairs = 1
 
     def queue_started(self, index: int, vring: VringT) -> None:
         del vring
@@ -685,7 +659,7 @@ class NetDevice(VhostUserBackend):
     def _config(self) -> bytes:
         # struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu,
         # speed (unknown), duplex (unknown).
-        return self._mac + struct.pack(
+        return self._state.mac + struct.pack(
             "<HHHIB", _LINK_UP, self._pairs_max, 1500, 0xFFFFFFFF, 0xFF
         )
 
@@ -714,62 +688,10 @@ class NetDevice(VhostUserBackend):
             self._control_errors += 1
             return 0
         data = chain.read(min(chain.readable_len, _CTRL_MAX))
-        ack = self._apply(data[0], data[1], data[2:])
-        if ack == _CTRL_OK:
+        ack = self._state.apply(data[0], data[1], data[2:], self._acked)
+        if ack == CTRL_OK:
             self._control_ok += 1
         else:
             self._control_errors += 1
             log.info("net: control command class %d cmd %d refused", data[0], data[1])
         return chain.write(bytes([ack]))
-
-    def _apply(self, cls: int, cmd: int, body: bytes) -> int:
-        acked = self._acked
-        if cls == _CLASS_RX and acked & NetFeatures.CTRL_RX:
-            if cmd in (0, 1) and len(body) >= 1:  # PROMISC, ALLMULTI
-                self.rx_mode[cmd] = bool(body[0])
-                return _CTRL_OK
-        elif cls == _CLASS_MAC:
-            if cmd == 1 and len(body) == 6 and acked & NetFeatures.CTRL_MAC_ADDR:
-                if body[0] & 1:
-                    return _CTRL_ERR
-                self._mac = bytes(body)  # ADDR_SET
-                return _CTRL_OK
-            if cmd == 0:  # TABLE_SET: two {le32 entries; u8 macs[][6]}
-                tables = _mac_tables(body)
-                if tables is not None:
-                    self.mac_table = tables
-                    return _CTRL_OK
-        elif cls == _CLASS_VLAN and acked & NetFeatures.CTRL_VLAN:
-            if cmd in (0, 1) and len(body) >= 2:  # ADD, DEL
-                vid = int.from_bytes(body[:2], "little")
-                if vid < 4096:
-                    if cmd == 0:
-                        self.vlans.add(vid)
-                    else:
-                        self.vlans.discard(vid)
-                    return _CTRL_OK
-        elif cls == _CLASS_ANNOUNCE and cmd == 0:
-            return _CTRL_OK
-        elif cls == _CLASS_MQ and cmd == 0 and acked & NetFeatures.MQ:
-            pairs = int.from_bytes(body[:2], "little") if len(body) >= 2 else 0
-            if 1 <= pairs <= self._pairs_max:
-                self.active_pairs = pairs
-                return _CTRL_OK
-        return _CTRL_ERR
-
-
-def _mac_tables(body: bytes) -> tuple[list[bytes], list[bytes]] | None:
-    tables: list[list[bytes]] = []
-    at = 0
-    for _ in range(2):
-        if at + 4 > len(body):
-            return None
-        entries = int.from_bytes(body[at : at + 4], "little")
-        at += 4
-        if entries > (len(body) - at) // 6:
-            return None
-        tables.append([body[at + 6 * i : at + 6 * i + 6] for i in range(entries)])
-        at += 6 * entries
-    if at != len(body):
-        return None
-    return tables[0], tables[1]
