@@ -529,15 +529,16 @@ class NetDevice(VhostUserBackend):
                 return 0
             p.pending_rx = None
             done += 1
-        link = self._link
+        receive = self._link.receive
+        write = self._write_frame
+        index = p.index
         while done < RX_BUDGET:
-            frame_buf = link.receive(p.index)
-            if frame_buf is None:
+            got = receive(index)
+            if got is None:
                 break
-            view = memoryview(frame_buf)
-            if not self._write_frame(p, (view,), view.nbytes):
+            if not write(p, (got,), len(got)):
                 # No room: keep a copy until the guest posts buffers.
-                p.pending_rx = view.tobytes()
+                p.pending_rx = bytes(got)
                 break
             done += 1
         return done

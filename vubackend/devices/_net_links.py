@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Final, final
 from vubackend.errors import DeviceError
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
     from vubackend.vring import DescriptorChain
 
 __all__ = [
@@ -120,11 +118,11 @@ class Link(abc.ABC):
             device offers the others again later.
         """
 
-    def receive(self, pair: int) -> Buffer | None:
+    def receive(self, pair: int) -> bytes | bytearray | memoryview | None:
         """The next frame for the guest on ``pair``, or None.
 
-        Called only when the device has room for it. The buffer may be
-        reused by the next call.
+        Called only when the device has room for it. A buffer returned may
+        be reused by the next call.
         """
         del pair
         return None
@@ -204,7 +202,7 @@ class SinkLink(Link):
         )
         return len(frames)
 
-    def receive(self, pair: int) -> Buffer | None:
+    def receive(self, pair: int) -> bytes | bytearray | memoryview | None:
         frame = self._frame
         if frame is None:
             return None
@@ -302,7 +300,7 @@ class TapLink(Link):
                 self.tx_dropped += 1
         return len(frames)
 
-    def receive(self, pair: int) -> Buffer | None:
+    def receive(self, pair: int) -> bytes | bytearray | memoryview | None:
         view = self._views[pair]
         try:
             n = os.readv(self._fds[pair], [view])
