@@ -1,5 +1,9 @@
 """vubackend.devices: ready devices built only on the public API.
 
+* :class:`BlkDevice`: virtio-blk over a raw image file or block device (read,
+  write, flush, get id, discard, write zeroes; read-only, multi-queue,
+  optional O_DIRECT). :class:`BlkFeatures` names its feature bits and
+  :class:`BlkStats` counts what it served.
 * :class:`RngDevice`: virtio-rng from the kernel's random source.
 * :class:`NetDevice`: virtio-net (header, MRG_RXBUF, multi-queue with one
   worker per queue pair, control queue, MAC and link status in config
@@ -14,6 +18,7 @@
   looping link uses.
 """
 
+from vubackend.devices._blk import BlkDevice, BlkFeatures, BlkStats
 from vubackend.devices._net import NetDevice, NetStats
 from vubackend.devices._net_control import NetFeatures
 from vubackend.devices._net_links import (
@@ -28,6 +33,9 @@ from vubackend.devices._net_links import (
 from vubackend.devices._rng import RngDevice
 
 __all__ = [
+    "BlkDevice",
+    "BlkFeatures",
+    "BlkStats",
     "Deliver",
     "Link",
     "LoopbackLink",
