@@ -160,6 +160,7 @@ class RequestHandler:
         self.offered_features = backend.features()
         self.acked_features = 0
         self.acked_protocol = ProtocolFeatures(0)
+        self.protocol_negotiated = False
         self.status = 0
         self.channel: BackendChannel | None = None
         self.inflight: InflightBuffer | None = None
@@ -236,10 +237,14 @@ class RequestHandler:
         # and rust-vmm do).
         acked_before = self.reply_ack
         try:
+            # Bit 30 counts as negotiated once the protocol features were:
+            # QEMU's net device sends SET_VRING_ENABLE before SET_FEATURES
+            # (and never again after it), as DPDK's vhost library accepts.
+            virtio = VirtioFeatures(self.acked_features)
+            if self.protocol_negotiated:
+                virtio |= VirtioFeatures.PROTOCOL_FEATURES
             problem = gate_problem(
-                spec,
-                protocol_features=self.acked_protocol,
-                virtio_features=VirtioFeatures(self.acked_features),
+                spec, protocol_features=self.acked_protocol, virtio_features=virtio
             )
             # Queries that come before negotiation are never gated.
             if problem is not None and request not in (
@@ -334,6 +339,7 @@ class RequestHandler:
         self.owned = False
         self.acked_features = 0
         self.acked_protocol = ProtocolFeatures(0)
+        self.protocol_negotiated = False
 
     def _get_protocol_features(self, message: Message, fds: OwnedFds) -> Payload:
         return U64(int(self.offered_protocol_features()))
@@ -352,6 +358,7 @@ class RequestHandler:
                 "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK"
             )
         self.acked_protocol = acked
+        self.protocol_negotiated = True
 
     def _get_queue_num(self, message: Message, fds: OwnedFds) -> Payload:
         return U64(self.num_queues)
