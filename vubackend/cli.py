@@ -2,6 +2,9 @@
 
 Subcommands:
     blk         serve virtio-blk over a raw image file or block device.
+    net         serve virtio-net over a TAP device (--tap NAME), a loopback
+                (--loopback: frames come back to the guest) or a sink
+                (--sink: frames are counted and dropped).
     rng         serve virtio-rng from the kernel's random source.
     demo        serve a blk device on a temporary image and drive it with the
                 built-in frontend: write, read back, verify, a throughput
@@ -32,7 +35,15 @@ from types import FrameType
 from typing import TextIO
 
 from vubackend.daemon import VhostUserBackend, VhostUserDaemon
-from vubackend.devices import BlkDevice, RngDevice
+from vubackend.devices import (
+    BlkDevice,
+    Link,
+    LoopbackLink,
+    NetDevice,
+    RngDevice,
+    SinkLink,
+    TapLink,
+)
 from vubackend.errors import VhostUserError
 from vubackend.frontend import BlkDriver, BlkRequestType, Frontend
 from vubackend.memory import GuestMemoryAtomic, MemoryBackend, select_backend
@@ -118,10 +129,20 @@ def serve_device(
     device: VhostUserBackend,
     args: argparse.Namespace,
     stop: threading.Event,
+    *,
+    prepare: Callable[[VhostUserDaemon], None] | None = None,
 ) -> None:
     """Serve ``device`` as the options say until ``stop`` is set (by a
-    signal) or, with ``--no-reconnect``, until the session ends."""
+    signal) or, with ``--no-reconnect``, until the session ends.
+    ``prepare(daemon)`` runs before anything is served (a device that
+    registers fds on the daemon's workers does it there)."""
     daemon = VhostUserDaemon(name, device, _memory(args))
+    if prepare is not None:
+        try:
+            prepare(daemon)
+        except BaseException:
+            daemon.close()
+            raise
     socket_path = os.path.abspath(args.socket)
     errors: list[BaseException] = []
     listener: Listener | None = None
@@ -214,6 +235,57 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
             s.errors,
             s.unsupported,
         )
+        device.close()
+    return 0
+
+
+def run_net(args: argparse.Namespace, stop: threading.Event) -> int:
+    """``vubackend net``."""
+    link: Link
+    if args.tap is not None:
+        link, what = TapLink(args.tap), f"TAP device {args.tap}"
+    elif args.sink:
+        link, what = SinkLink(), "a sink (frames are counted and dropped)"
+    else:
+        link, what = LoopbackLink(), "a loopback (frames come back to the guest)"
+    try:
+        device = NetDevice(
+            link, queue_pairs=args.queues, mac=args.mac, max_queue_size=args.queue_size
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except VhostUserError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        log.info(
+            "serving virtio-net over %s: MAC %s, %d queue pair(s) of up to %d",
+            what,
+            device.mac.hex(":"),
+            device.queue_pairs,
+            args.queue_size,
+        )
+        serve_device("net", device, args, stop, prepare=device.attach)
+    finally:
+        s = device.stats()
+        log.info(
+            "net served: tx %d frames (%d bytes), rx %d frames (%d bytes), "
+            "%d rx dropped, %d errors, %d control commands",
+            s.tx_frames,
+            s.tx_bytes,
+            s.rx_frames,
+            s.rx_bytes,
+            s.rx_dropped,
+            s.errors,
+            s.control_commands,
+        )
+        for pair in range(device.queue_pairs):
+            p = device.stats(pair)
+            log.info(
+                "net pair %d: tx %d frames, rx %d frames",
+                pair,
+                p.tx_frames,
+                p.rx_frames,
+            )
         device.close()
     return 0
 
@@ -411,6 +483,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(blk)
 
+    net = sub.add_parser(
+        "net", help="serve virtio-net over a TAP device, a loopback or a sink"
+    )
+    link = net.add_mutually_exclusive_group(required=True)
+    link.add_argument(
+        "--tap", metavar="NAME", help="a TAP device (existing, or created)"
+    )
+    link.add_argument(
+        "--loopback",
+        action="store_true",
+        help="every frame the guest sends comes back to it",
+    )
+    link.add_argument("--sink", action="store_true", help="count and drop every frame")
+    net.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        metavar="N",
+        help="queue pairs, one worker thread each (default 1)",
+    )
+    net.add_argument("--mac", help="the MAC address (default: a random local one)")
+    net.add_argument(
+        "--queue-size",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="largest ring (default 1024)",
+    )
+    _common(net)
+
     rng = sub.add_parser("rng", help="serve virtio-rng from the kernel's random source")
     _common(rng)
 
@@ -426,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _RUNNERS: dict[str, Callable[[argparse.Namespace, threading.Event], int]] = {
     "blk": run_blk,
+    "net": run_net,
     "rng": run_rng,
 }
 
