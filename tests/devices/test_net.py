@@ -26,8 +26,14 @@ from vubackend.devices import (
     TapLink,
 )
 from vubackend.errors import DeviceError
-from vubackend.frontend import DriverRing, Frontend, NetDriver, make_driver_ring
-from vubackend.protocol import VirtioFeatures
+from vubackend.frontend import (
+    DriverRing,
+    Frontend,
+    NetDriver,
+    frame,
+    make_driver_ring,
+)
+from vubackend.protocol import FrontendReq, VirtioFeatures
 
 V1 = int(VirtioFeatures.VERSION_1 | VirtioFeatures.EVENT_IDX)
 MRG = int(NetFeatures.MRG_RXBUF)
@@ -38,6 +44,7 @@ CTRL = int(
     | NetFeatures.CTRL_MAC_ADDR
 )
 HEADER = struct.Struct("<BBHHHHH")
+SET_VRING_ENABLE = int(FrontendReq.SET_VRING_ENABLE)
 
 
 @contextlib.contextmanager
@@ -507,3 +514,29 @@ def test_tap_link_pings_a_kernel_in_a_namespace(
                     break
     assert replies == 100
     assert open_fds() == before
+
+
+def test_rings_enabled_before_set_features_as_qemu_does(tmp_path: Path) -> None:
+    """QEMU's net device sends SET_VRING_ENABLE 1 right after the protocol
+    features, before SET_FEATURES, and not again once the rings start."""
+    device = NetDevice(LoopbackLink())
+    with (
+        served(device, tmp_path) as path,
+        Frontend.connect(path, retry_for=5.0, timeout=5.0) as fe,
+    ):
+        offered = fe.get_features()
+        fe.negotiate_protocol_features(fe.get_protocol_features())
+        fe.set_owner()
+        # Raw: our frontend would not send it before SET_FEATURES.
+        for index in (0, 1):
+            fe.send_raw(frame(SET_VRING_ENABLE, struct.pack("=II", index, 1)))
+        fe.set_features(offered & (V1 | VirtioFeatures.PROTOCOL_FEATURES))
+        fe.create_memory([4 << 20])
+        queues = [fe.setup_queue(i, 32, start=False) for i in (0, 1)]
+        for queue in queues:
+            fe.start_queue(queue, enable=False)
+        net = NetDriver(fe, *queues)
+        fe.start_device()
+        net.post_rx_buffers()
+        net.send(frames(5))
+        assert net.receive(5) == frames(5)
