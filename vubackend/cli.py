@@ -242,13 +242,13 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
 def run_net(args: argparse.Namespace, stop: threading.Event) -> int:
     """``vubackend net``."""
     link: Link
-    if args.tap is not None:
-        link, what = TapLink(args.tap), f"TAP device {args.tap}"
-    elif args.sink:
-        link, what = SinkLink(), "a sink (frames are counted and dropped)"
-    else:
-        link, what = LoopbackLink(), "a loopback (frames come back to the guest)"
     try:
+        if args.tap is not None:
+            link, what = TapLink(args.tap), f"TAP device {args.tap}"
+        elif args.sink:
+            link, what = SinkLink(), "a sink (frames are counted and dropped)"
+        else:
+            link, what = LoopbackLink(), "a loopback (frames come back to the guest)"
         device = NetDevice(
             link, queue_pairs=args.queues, mac=args.mac, max_queue_size=args.queue_size
         )
