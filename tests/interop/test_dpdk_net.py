@@ -9,9 +9,10 @@ How "every frame comes back, none lost" is counted, deterministically:
    frames per queue pair, then forwards whatever it receives straight back.
    With the loopback link every frame the device takes from TX is written
    into RX, so those frames circle for a second, many laps.
-2. ``stop``, then ``set fwd rxonly`` and ``start``/``stop`` again: nothing
-   is sent any more and the frames still in flight (in the device or in the
-   RX ring) are received, so the loop drains.
+2. ``stop``, then ``set fwd rxonly`` and ``start``: nothing is sent any
+   more and the frames still in flight (in the device or in the RX ring)
+   are received, so the loop drains (``show port stats`` until RX catches
+   up with TX, at most 5 s), then ``stop``.
 3. ``show port stats 0``: with no frame lost, RX-packets equals TX-packets
    exactly (each frame sent came back once), RX-missed and the error
    counters are 0, and the device counted the same numbers (it logs them
@@ -51,6 +52,7 @@ FULL = list(itertools.product([False, True], [1, 2], [False, True], [False, True
 CASES = FULL if os.environ.get("VUBACKEND_NET_FULL") == "1" else COVERING
 BURSTS = 2
 BURST = 32
+DRAIN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -84,7 +86,14 @@ def loop_and_drain(vu: VirtioUser, seconds: float = 1.0) -> NicStats:
     vu.command("stop")
     vu.command("set fwd rxonly")
     vu.command("start")
-    time.sleep(0.3)
+    # Drained when every frame sent came back; a lost frame shows as the
+    # counts differing after the deadline.
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while True:
+        stats = vu.port_stats()
+        if stats.rx_packets >= stats.tx_packets or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     vu.command("stop")
     return vu.port_stats()
 
