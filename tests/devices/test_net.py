@@ -81,16 +81,23 @@ def frames(count: int, size: int = 100) -> list[bytes]:
     ]
 
 
+@pytest.mark.parametrize("in_order", [False, True], ids=["any-order", "in-order"])
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("mrg", [False, True], ids=["plain", "mrg"])
-def test_loopback_returns_every_frame(tmp_path: Path, packed: bool, mrg: bool) -> None:
+def test_loopback_returns_every_frame(
+    tmp_path: Path, packed: bool, mrg: bool, in_order: bool
+) -> None:
     before = open_fds()
     device = NetDevice(LoopbackLink())
     sent = frames(200, 300)
+    features = V1 | (MRG if mrg else 0)
+    if in_order:
+        features |= VirtioFeatures.IN_ORDER
     with (
         served(device, tmp_path) as path,
-        connect(path, V1 | (MRG if mrg else 0), packed=packed) as fe,
+        connect(path, features, packed=packed) as fe,
     ):
+        assert bool(fe.acked_features & VirtioFeatures.IN_ORDER) == in_order
         net = NetDriver(fe, fe.setup_queue(0, 64), fe.setup_queue(1, 64))
         fe.start_device()
         net.post_rx_buffers()
