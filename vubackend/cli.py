@@ -239,14 +239,29 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
+def _sink(generate: int | None) -> tuple[SinkLink, str]:
+    what = "a sink (frames are counted and dropped)"
+    if generate is None:
+        return SinkLink(), what
+    if not 14 <= generate <= 65535:
+        raise UsageError(f"--generate {generate}: a frame is 14 to 65535 bytes")
+    # Broadcast, from a local address, with the local experimental
+    # EtherType (IEEE 802 0x88B5): nobody's real traffic.
+    header = b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x88\xb5"
+    frame = header + bytes(generate - len(header))
+    return SinkLink(generate=frame), f"{what}, sending {generate}-byte frames"
+
+
 def run_net(args: argparse.Namespace, stop: threading.Event) -> int:
     """``vubackend net``."""
     link: Link
+    if args.generate is not None and not args.sink:
+        raise UsageError("--generate goes with --sink")
     try:
         if args.tap is not None:
             link, what = TapLink(args.tap), f"TAP device {args.tap}"
         elif args.sink:
-            link, what = SinkLink(), "a sink (frames are counted and dropped)"
+            link, what = _sink(args.generate)
         else:
             link, what = LoopbackLink(), "a loopback (frames come back to the guest)"
         device = NetDevice(
@@ -496,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="every frame the guest sends comes back to it",
     )
     link.add_argument("--sink", action="store_true", help="count and drop every frame")
+    net.add_argument(
+        "--generate",
+        type=int,
+        metavar="BYTES",
+        help="with --sink: also send the guest frames of BYTES bytes, as fast "
+        "as it posts receive buffers (for benchmarks)",
+    )
     net.add_argument(
         "--queues",
         type=int,

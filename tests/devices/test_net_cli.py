@@ -94,3 +94,15 @@ def test_loopback_serves_then_reports_on_sigterm(tmp_path: Path) -> None:
     assert "net pair 0: tx 5 frames, rx 5 frames" in output
     assert "Traceback" not in output
     assert not sock.exists()
+
+
+def test_generate_goes_with_sink(tmp_path: Path) -> None:
+    sock = str(tmp_path / "s")
+    for args, message in (
+        (["--loopback", "--generate", "64"], "--generate goes with --sink"),
+        (["--sink", "--generate", "8"], "a frame is 14 to 65535 bytes"),
+    ):
+        result = run("--socket", sock, *args)
+        assert result.returncode == 1, args
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr

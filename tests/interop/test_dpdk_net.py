@@ -165,3 +165,34 @@ def test_virtio_user_server_restarts_and_we_reconnect(tmp_path: Path) -> None:
     assert ours.tx_frames == sum(s.tx_packets for s in runs)
     assert ours.rx_frames == sum(s.rx_packets for s in runs)
     assert net.output().count("connected to the front-end") == 2
+
+
+def test_sink_counts_what_txonly_sends_and_feeds_rxonly(tmp_path: Path) -> None:
+    """``vubackend net --sink --generate 64``: testpmd's txonly frames are all
+    counted (and dropped); in rxonly testpmd receives the generated ones."""
+    require("dpdk-testpmd", "dpdk-dev")
+    sock = tmp_path / "sink.sock"
+    args = ["net", "--sink", "--generate", "64", "--socket", str(sock)]
+    with vubackend(args, sock, tmp_path / "net.log") as net:
+        with virtio_user(tmp_path, sock) as vu:
+            vu.wait_prompt(1)
+            vu.command("set fwd txonly")
+            vu.command("start")
+            time.sleep(1.0)
+            vu.command("stop")
+            sent = vu.port_stats().tx_packets
+            vu.command("set fwd rxonly")
+            vu.command("start")
+            time.sleep(1.0)
+            vu.command("stop")
+            stats = vu.port_stats()
+            vu.quit()
+        assert net.stop() == 0, net.output()
+    ours = served_counts(net.output())
+    assert sent > 1000
+    assert stats.tx_packets == sent
+    assert ours.tx_frames == sent, "every frame testpmd sent reached the sink"
+    assert stats.rx_packets > 1000
+    # Generated frames may still sit in the RX ring when testpmd stops.
+    assert ours.rx_frames >= stats.rx_packets
+    assert (stats.rx_errors, stats.rx_missed, ours.errors) == (0, 0, 0)
