@@ -11,9 +11,11 @@
 #   from the ring's previous life.
 # * The data path works per batch: chains are popped by the batch, returned
 #   with one add_used_many per ring per round, and the driver is signalled
-#   at most once per ring per round. Per frame there is one copy (TX buffer
-#   to RX buffer for the loopback; link buffer to RX buffer otherwise) and
-#   no header object: the header is packed into guest memory in place.
+#   at most once per ring per round. A busy pair yields its worker after
+#   MAX_ROUNDS rounds (a wake-up brings it back), so that the worker's other
+#   events and a ring stop are not held off. Per frame there is one copy
+#   (TX buffer to RX buffer for the loopback; link buffer to RX buffer
+#   otherwise) and no header object: the header is packed in place.
 # * Nothing is lost by the device itself: TX chains the link cannot take yet
 #   stay pending (in order, first next time), RX chains popped ahead stay as
 #   spares, and a frame from the link that found no room is kept until the
@@ -99,6 +101,8 @@ TX_BATCH: Final = 256
 RX_BATCH: Final = 64
 # Frames taken from the link per round before TX gets a turn again.
 RX_BUDGET: Final = 256
+# Rounds of one event before the worker looks at its other events.
+MAX_ROUNDS: Final = 64
 _MAX_QUEUE_PAIRS: Final = 127
 
 
@@ -467,6 +471,7 @@ class NetDevice(VhostUserBackend):
             tx_ok = _ready(tx)
             if not p.rx_ok:
                 p.spares, p.spare_at = [], 0
+            rounds = 0
             while True:
                 p.starved = False
                 moved = self._transmit(p, tx) if tx_ok else 0
@@ -474,7 +479,13 @@ class NetDevice(VhostUserBackend):
                     moved += self._receive(p)
                 self._flush(p, rx, tx)
                 if moved:
-                    continue
+                    rounds += 1
+                    if rounds < MAX_ROUNDS:
+                        continue
+                    # Busy for long: let the worker serve its other events
+                    # (and the request thread stop a ring), then come back.
+                    os.eventfd_write(p.wake, 1)
+                    break
                 again = False
                 if tx_ok and not p.tx_blocked:
                     again = tx.enable_notification()
