@@ -5,6 +5,7 @@ hostile buffers."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import struct
@@ -47,6 +48,13 @@ HEADER = struct.Struct("<BBHHHHH")
 SET_VRING_ENABLE = int(FrontendReq.SET_VRING_ENABLE)
 
 
+def settled_fds() -> set[int]:
+    """The open fds, once objects of earlier tests waiting for the cyclic
+    garbage collector (frontends and their memfds) are gone."""
+    gc.collect()
+    return open_fds()
+
+
 @contextlib.contextmanager
 def served(device: NetDevice, tmp_path: Path) -> Iterator[Path]:
     """Serve ``device`` on a socket; afterwards no worker failed and the
@@ -87,7 +95,7 @@ def frames(count: int, size: int = 100) -> list[bytes]:
 def test_loopback_returns_every_frame(
     tmp_path: Path, packed: bool, mrg: bool, in_order: bool
 ) -> None:
-    before = open_fds()
+    before = settled_fds()
     device = NetDevice(LoopbackLink())
     sent = frames(200, 300)
     features = V1 | (MRG if mrg else 0)
@@ -112,7 +120,7 @@ def test_loopback_returns_every_frame(
     assert (stats.rx_dropped, stats.errors) == (0, 0)
     if mrg:
         assert net.num_buffers == [1] * 200
-    assert open_fds() == before
+    assert settled_fds() == before
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
@@ -210,7 +218,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_attach_checks_the_daemon() -> None:
-    before = open_fds()
+    before = settled_fds()
     device = NetDevice(LoopbackLink(), queue_pairs=2)
     single = NetDevice(LoopbackLink())
     other = VhostUserDaemon("other", single)
@@ -224,7 +232,7 @@ def test_attach_checks_the_daemon() -> None:
         device.attach(daemon)
     daemon.close()
     device.close()
-    assert open_fds() == before
+    assert settled_fds() == before
 
 
 # ---------------------------------------------------------------- raw rings
@@ -298,7 +306,7 @@ def test_legacy_header_without_version_1(tmp_path: Path) -> None:
 def test_hostile_buffers_are_refused_cleanly(tmp_path: Path) -> None:
     """A TX chain shorter than the header, RX chains with no or too little
     room: used with length 0 and counted; the next good frame goes through."""
-    before = open_fds()
+    before = settled_fds()
     device = NetDevice(LoopbackLink())
     with served(device, tmp_path) as path, connect(path, V1 | MRG) as fe:
         raw = Raw(fe)
@@ -314,7 +322,7 @@ def test_hostile_buffers_are_refused_cleanly(tmp_path: Path) -> None:
         stats = device.stats()
     assert stats.errors == 3
     assert (stats.tx_frames, stats.rx_frames) == (2, 1)
-    assert open_fds() == before
+    assert settled_fds() == before
 
 
 def test_frame_too_big_without_mrg_is_dropped(tmp_path: Path) -> None:
@@ -430,10 +438,10 @@ def test_a_new_session_forgets_what_the_last_one_left(tmp_path: Path) -> None:
 
 
 def test_tap_link_missing_control_device_is_a_clear_error(tmp_path: Path) -> None:
-    before = open_fds()
+    before = settled_fds()
     with pytest.raises(DeviceError, match="cannot open TAP device"):
         NetDevice(TapLink("vubt0", path=str(tmp_path / "no-tun")))
-    assert open_fds() == before
+    assert settled_fds() == before
 
 
 def _checksum(data: bytes) -> int:
@@ -490,7 +498,7 @@ def test_tap_link_pings_a_kernel_in_a_namespace(
     """A new TAP device, moved into a namespace with a link-local address:
     the guest (our frontend) resolves it with ARP and pings it; the kernel
     answers every echo request through the TAP device."""
-    before = open_fds()
+    before = settled_fds()
     tap = f"vubt{os.getpid() % 100000}"
     device = NetDevice(TapLink(tap), mac=GUEST_MAC)
     ip_cmd("link", "set", tap, "netns", netns)
@@ -520,7 +528,7 @@ def test_tap_link_pings_a_kernel_in_a_namespace(
                     replies += 1
                     break
     assert replies == 100
-    assert open_fds() == before
+    assert settled_fds() == before
 
 
 def test_rings_enabled_before_set_features_as_qemu_does(tmp_path: Path) -> None:
