@@ -555,3 +555,47 @@ def test_rings_enabled_before_set_features_as_qemu_does(tmp_path: Path) -> None:
         net.post_rx_buffers()
         net.send(frames(5))
         assert net.receive(5) == frames(5)
+
+
+def test_multi_queue_tap_link(tmp_path: Path, netns: str) -> None:
+    """Two queue pairs on a TAP device opened with IFF_MULTI_QUEUE: the
+    kernel's replies come back on whichever queue it picks, all of them."""
+    tap = f"vubq{os.getpid() % 100000}"
+    device = NetDevice(TapLink(tap), queue_pairs=2, mac=GUEST_MAC)
+    ip_cmd("link", "set", tap, "netns", netns)
+    ip_cmd("-n", netns, "addr", "add", "169.254.77.1/24", "dev", tap)
+    ip_cmd("-n", netns, "link", "set", tap, "up")
+    with (
+        served(device, tmp_path) as path,
+        connect(path, V1 | MRG | int(NetFeatures.MQ)) as fe,
+    ):
+        pairs = [
+            NetDriver(fe, fe.setup_queue(2 * k, 64), fe.setup_queue(2 * k + 1, 64))
+            for k in range(2)
+        ]
+        fe.start_device()
+        for net in pairs:
+            net.post_rx_buffers()
+
+        def receive_any() -> list[bytes]:
+            return [f for net in pairs for f in net.receive(4, timeout=0.05)]
+
+        host_mac = None
+        for _ in range(50):
+            pairs[0].send([arp_request()])
+            for frame in receive_any():
+                if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02":
+                    host_mac = frame[22:28]
+            if host_mac is not None:
+                break
+        assert host_mac is not None, "no ARP reply from the namespace"
+        seqs: set[int] = set()
+        for seq in range(20):
+            pairs[seq % 2].send([echo_request(host_mac, seq)])
+            deadline = time.monotonic() + 2.0
+            while seq not in seqs and time.monotonic() < deadline:
+                for frame in receive_any():
+                    if frame[12:14] == b"\x08\x00" and frame[34] == 0:
+                        seqs.add(int.from_bytes(frame[40:42], "big"))
+    assert seqs == set(range(20))
+    assert [device.stats(k).tx_frames > 0 for k in range(2)] == [True, True]

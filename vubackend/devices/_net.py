@@ -293,8 +293,9 @@ class NetDevice(VhostUserBackend):
         return self._pairs_max
 
     def stats(self, pair: int | None = None) -> NetStats:
-        """The counters, summed over the queue pairs, or of one pair (its
-        control queue counters are the device's)."""
+        """The counters of the whole device, or of one queue pair (whose
+        control-queue counters are 0)."""
+        whole = pair is None
         pairs = self._pairs if pair is None else [self._pairs[pair]]
         return NetStats(
             tx_frames=sum(p.tx_frames for p in pairs),
@@ -302,8 +303,9 @@ class NetDevice(VhostUserBackend):
             rx_frames=sum(p.rx_frames for p in pairs),
             rx_bytes=sum(p.rx_bytes for p in pairs),
             rx_dropped=sum(p.rx_dropped for p in pairs),
-            errors=sum(p.errors for p in pairs) + self._control_errors,
-            control_commands=self._control_ok,
+            errors=sum(p.errors for p in pairs)
+            + (self._control_errors if whole else 0),
+            control_commands=self._control_ok if whole else 0,
         )
 
     def attach(self, daemon: VhostUserDaemon) -> None:
@@ -381,6 +383,8 @@ class NetDevice(VhostUserBackend):
         self._log = bool(features & VirtioFeatures.LOG_ALL)
         self._ctrl_acked = self._ctrl and bool(features & NetFeatures.CTRL_VQ)
         self._usable = self._pairs_max if features & NetFeatures.MQ else 1
+        for pair in self._pairs:
+            os.eventfd_write(pair.wake, 1)
 
     def queues_per_thread(self) -> Sequence[int]:
         masks = [0b11 << (2 * k) for k in range(self._pairs_max)]
@@ -436,6 +440,10 @@ class NetDevice(VhostUserBackend):
             pair.rx, pair.tx = vrings[0], vrings[1]
         if thread_id < self._usable:
             self._pump(pair)
+        else:
+            # A pair the driver did not ask for (no MQ): its link fd would
+            # wake the worker for nothing. SET_FEATURES wakes it again.
+            self._watch(pair, False)
 
     # ------------------------------------------------------------ data path
 
