@@ -548,6 +548,13 @@ class PackedRing:
         fence_seq_cst()
         return self._available()
 
+    def available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available at the next slot
+        (one acquire load of its flags; no fence, no re-arm)."""
+        self._check_usable()
+        self._bind(mem)
+        return self._available()
+
     def _available(self) -> bool:
         dpart = self._dpart
         # ORDERING: acquire load of the next head's flags (§5.4 rule 2).

@@ -546,6 +546,15 @@ class SplitRing:
         idx = self._apart.atomic.load_u16(self._apart.offset + 2)
         return idx != self._next_avail
 
+    def available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available that was not popped
+        yet (one acquire load of ``avail.idx``; no fence, no re-arm)."""
+        self._check_usable()
+        self._bind(mem)
+        # ORDERING: acquire load of avail.idx (§5.4 rule 1).
+        idx = self._apart.atomic.load_u16(self._apart.offset + 2)
+        return idx != self._next_avail
+
     def disable_notification(self, mem: GuestMemory) -> None:
         """Tell the driver not to kick (NO_NOTIFY; with EVENT_IDX, stop moving
         ``avail_event``, so the driver kicks at most once more)."""
