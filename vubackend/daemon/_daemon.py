@@ -283,6 +283,9 @@ class VhostUserDaemon:
                     log.warning("%s: ending the session: %s", self.name, exc)
                     return exc
                 self._log_progress(message, handler)
+                # Memory regions are 40 bytes from the ack of XEN_MMAP on.
+                xen = bool(handler.acked_protocol & ProtocolFeatures.XEN_MMAP)
+                connection.decoder.xen_mmap = xen
             if reply is not None:
                 try:
                     connection.send(reply)
