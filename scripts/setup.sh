@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev)
+# libxen-dev: the Xen libraries (tests load them; their open calls fail without Xen).
+APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev libxen-dev)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

@@ -74,7 +74,7 @@ def serve_xen(tmp_path: Path) -> Iterator[XenFactory]:
         fake = FakeXen()
         backend: MemoryBackend = XenBackend(devices=fake) if xen else MmapBackend()
         device = RamDisk()
-        daemon = VhostUserDaemon("xen-blk", device, GuestMemoryAtomic(backend=backend))
+        daemon = VhostUserDaemon("xen-blk", device, memory_backend=backend)
         path = tmp_path / f"xen{len(made)}.sock"
         errors: list[BaseException] = []
 
@@ -280,3 +280,10 @@ def test_plain_regions_refused_by_a_xen_daemon(
             )
         assert fe.is_alive()
         ram.close()
+
+
+def test_memory_and_memory_backend_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        VhostUserDaemon(
+            "x", RamDisk(), GuestMemoryAtomic(), memory_backend=MmapBackend()
+        )

@@ -242,10 +242,16 @@ class FakeXen:
 
     def mmap(self, fd: int, length: int, prot: int, offset: int) -> mmapmod.mmap:
         with self._lock:
-            file = self._file(fd)
             if length <= 0 or length % PAGE or offset % PAGE:
                 raise _fail(errno.EINVAL)
-            if file.kind == "privcmd":
+            file = self._files.get(os.fstat(fd).st_ino)
+            if file is None:
+                # Not a Xen device: an ordinary file mapping, as the kernel
+                # would make (the ioctls then fail with ENOTTY).
+                mapping = mmapmod.mmap(
+                    fd, length, flags=mmapmod.MAP_SHARED, prot=prot, offset=offset
+                )
+            elif file.kind == "privcmd":
                 mapping = mmapmod.mmap(-1, length, flags=mmapmod.MAP_SHARED, prot=prot)
                 start = _address(mapping)
                 self._vmas[start] = [length, 0]
