@@ -43,6 +43,7 @@ from vubackend.protocol import (
     ProtocolFeatures,
     VirtioFeatures,
     XenMmapFlags,
+    XenSingleMemoryRegion,
 )
 
 from ._device import RamDisk
@@ -287,3 +288,20 @@ def test_memory_and_memory_backend_exclude_each_other() -> None:
         VhostUserDaemon(
             "x", RamDisk(), GuestMemoryAtomic(), memory_backend=MmapBackend()
         )
+
+
+def test_removed_grant_region_is_unmapped(serve_xen: XenFactory) -> None:
+    served = serve_xen()
+    with _connect(served) as fe:
+        fe.handshake(VirtioFeatures.VERSION_1, _WANTED)
+        ram = GuestRam([PAGE, 1 << 16], base_gpa=XEN_GRANT_ADDR_OFF)
+        flags = [XenMmapFlags.GRANT, XenMmapFlags.GRANT]
+        handle = _grant(fe, served.fake, ram, flags, add=True)
+        assert served.fake.grant_maps() == 2
+        gone = xen_region(ram.regions[1], handle, XenMmapFlags.GRANT, DOMID)
+        fe.request(FrontendReq.REM_MEM_REG, XenSingleMemoryRegion(gone.payload()))
+        assert served.fake.grant_maps() == 1
+        unmap = served.fake.calls[-1]
+        assert unmap.request == 0x104701
+        assert int.from_bytes(unmap.arg[8:12], "little") == (1 << 16) // PAGE
+    os.close(handle)
