@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fdutil import open_fds
+from tests.test_cli import one_line_error, run
 from vubackend.errors import MappingError, UnmappedAddressError, XenUnavailableError
 from vubackend.memory import (
     XEN_FOREIGN,
@@ -353,3 +354,10 @@ def test_libraries_without_hypervisor_fail_to_open_with_enoent() -> None:
 def test_setup_installs_the_xen_libraries() -> None:
     setup = Path(__file__).parents[2] / "scripts" / "setup.sh"
     assert "libxen-dev" in setup.read_text()
+
+
+def test_cli_xen_option_without_xen_is_one_line(tmp_path: Path) -> None:
+    if os.path.exists("/dev/xen"):
+        pytest.skip("this host has /dev/xen")
+    result = run("rng", "--socket", str(tmp_path / "s"), "--xen")
+    one_line_error(result, "xen memory backend cannot run", "/dev/xen does not exist")
