@@ -179,7 +179,7 @@ class DescriptorChain:
         Returns:
             One view per piece, in order. Do not write through them.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(0, self._nread)]
+        return [r.window[o : o + n] for r, o, n in self._pieces(0, self._nread)]
 
     def writable_buffers(self) -> list[memoryview]:
         """The device-writable buffers as memoryviews of guest memory.
@@ -190,7 +190,9 @@ class DescriptorChain:
         Returns:
             One view per piece, in order.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)]
+        return [
+            r.window[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)
+        ]
 
     # ------------------------------------------------------------ reading
 

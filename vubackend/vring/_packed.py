@@ -281,7 +281,7 @@ class PackedRing:
         """
         self._check_usable()
         space = self._bind(mem)
-        if self._native:
+        if self._native and space.native_walks:
             chains, fault = self._pop_native(space, max_chains)
         else:
             chains, fault = self._pop_python(space, max_chains)

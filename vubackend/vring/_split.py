@@ -271,7 +271,7 @@ class SplitRing:
         self._check_usable()
         space = self._bind(mem)
         event = self._event_idx and self._notify
-        if self._native:
+        if self._native and space.native_walks:
             chains, fault, broken_at = self._pop_native(space, max_chains, event)
         else:
             chains, fault, broken_at = self._pop_python(space, max_chains, event)
