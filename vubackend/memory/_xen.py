@@ -77,7 +77,9 @@ XEN_NO_ADVANCE_MAP: Final = 0x8
 XEN_GRANT_ADDR_OFF: Final = 1 << 63
 # NO_ADVANCE_MAP as the vhost-user message carries it (bit 8).
 _WIRE_NO_ADVANCE_MAP: Final = 0x100
-_WIRE_KNOWN: Final = XEN_FOREIGN | XEN_GRANT | _WIRE_NO_ADVANCE_MAP
+# ... or vm-memory's value, which rust-vmm frontends send.
+_WIRE_ON_DEMAND: Final = _WIRE_NO_ADVANCE_MAP | XEN_NO_ADVANCE_MAP
+_WIRE_KNOWN: Final = XEN_FOREIGN | XEN_GRANT | _WIRE_ON_DEMAND
 # VHOST_USER_PROTOCOL_F_XEN_MMAP (the same mask as _backend.py's, which
 # imports this module).
 _XEN_MMAP: Final = 1 << 17
@@ -86,8 +88,9 @@ _PAGE: Final = XEN_PAGE_SIZE
 
 
 def xen_flags_from_wire(flags: int) -> int:
-    """Convert ``xen_mmap_flags`` of a vhost-user memory region (bit 8 =
-    no advance mapping) to the memory layer's flags (vm-memory's values).
+    """Convert ``xen_mmap_flags`` of a vhost-user memory region (bit 8, or
+    vm-memory's 0x8 = no advance mapping) to the memory layer's flags
+    (vm-memory's values).
 
     Args:
         flags: the u32 from the message.
@@ -100,7 +103,7 @@ def xen_flags_from_wire(flags: int) -> int:
     """
     if flags & ~_WIRE_KNOWN:
         raise MappingError(f"unknown xen mmap flags {flags & ~_WIRE_KNOWN:#x}")
-    advance = XEN_NO_ADVANCE_MAP if flags & _WIRE_NO_ADVANCE_MAP else 0
+    advance = XEN_NO_ADVANCE_MAP if flags & _WIRE_ON_DEMAND else 0
     return flags & (XEN_FOREIGN | XEN_GRANT) | advance
 
 
