@@ -157,6 +157,16 @@ def serve_device(
         pass
     daemon.close()
     server.join(timeout=10)
+    for index, vring in enumerate(daemon.vrings):
+        with vring.get_ref() as state:
+            if state.kicks or state.calls:
+                log.info(
+                    "%s: ring %d: %d kicks, %d calls",
+                    name,
+                    index,
+                    state.kicks,
+                    state.calls,
+                )
     if errors:
         raise errors[0]
 

@@ -137,6 +137,12 @@ class VhostUserDaemon:
         return list(self._workers)
 
     @property
+    def vrings(self) -> list[VringT]:
+        """The device's vrings, by index (for reports: ``with
+        vring.get_ref() as state: state.kicks, state.calls``)."""
+        return list(self._vrings)
+
+    @property
     def memory(self) -> GuestMemoryAtomic:
         return self._memory
 

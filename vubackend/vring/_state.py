@@ -48,6 +48,10 @@ class VringState:
 
     Device code normally reaches it through :class:`VringMutex` or
     :class:`VringRwLock`, which expose the same methods under a lock.
+
+    Attributes:
+        kicks: kicks consumed by :meth:`read_kick` so far (for reports).
+        calls: signals written by :meth:`signal_used_queue` so far.
     """
 
     __slots__ = (
@@ -59,6 +63,8 @@ class VringState:
         "_log_on",
         "_mem",
         "_queue",
+        "calls",
+        "kicks",
     )
 
     def __init__(
@@ -78,6 +84,9 @@ class VringState:
         self._mem = mem
         self._queue = Queue(max_queue_size, native=native)
         self._kick: int | None = None
+        # Counters for reports (see the class docstring).
+        self.kicks = 0
+        self.calls = 0
         # A poll object for the kick fd, made once per fd: read_kick runs on
         # every event of the data path.
         self._kick_poll: select.poll | None = None
@@ -240,6 +249,7 @@ class VringState:
         fd = self._call
         if fd is None:
             return
+        self.calls += 1
         try:
             os.write(fd, _ONE)
         except BlockingIOError:
@@ -507,6 +517,7 @@ class VringState:
                     poller.register(fd, select.POLLIN)
                 if poller.poll(0):
                     os.read(fd, 8)
+                    self.kicks += 1
             except BlockingIOError:
                 pass
             except OSError as exc:
