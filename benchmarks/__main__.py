@@ -2,7 +2,7 @@
 same invocation, alternating, several rounds; a table of medians and of the
 ratio per round, and the raw rounds as JSON (benchmarks/results/).
 
-Usage: ``python -m benchmarks [--rounds N] [--only micro,blk-guest,blk-frontend]
+Usage: ``python -m benchmarks [--rounds N] [--only micro,blk-guest,blk-frontend,net]
 [--json PATH]``. Needs the packages of scripts/setup.sh (QEMU,
 qemu-storage-daemon, DPDK) and 2 CPUs: backends run on CPU 0, frontends on 1.
 """
@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import _blk, _micro
+from benchmarks import _blk, _micro, _net
 from benchmarks._harness import Outcome, Scenario, run, save, table
 
-GROUPS = ("micro", "blk-guest", "blk-frontend")
+GROUPS = ("micro", "blk-guest", "blk-frontend", "net")
 
 
 def _scenarios(group: str, workdir: Path) -> list[Scenario]:
@@ -29,7 +29,9 @@ def _scenarios(group: str, workdir: Path) -> list[Scenario]:
             _blk.guest_scenario(workdir),
             _blk.guest_scenario(workdir, busy_poll_us=300),
         ]
-    return [_blk.frontend_scenario(workdir)]
+    if group == "blk-frontend":
+        return [_blk.frontend_scenario(workdir)]
+    return _net.scenarios(workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
