@@ -283,6 +283,8 @@ class VhostUserDaemon:
                     log.warning("%s: ending the session: %s", self.name, exc)
                     return exc
                 self._log_progress(message, handler)
+            # Postcopy replies to the memory requests carry the table.
+            connection.decoder.postcopy = handler.postcopy.listening
             if reply is not None:
                 try:
                     connection.send(reply)
@@ -291,6 +293,11 @@ class VhostUserDaemon:
                     return None
                 finally:
                     close_fds(reply.fds)
+            try:
+                handler.postcopy.after_reply(connection)
+            except SessionEndedError as exc:
+                log.warning("%s: ending the session: %s", self.name, exc)
+                return exc
 
     def _nack(
         self, connection: Connection, handler: RequestHandler, exc: RemoteProtocolError

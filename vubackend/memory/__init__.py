@@ -9,6 +9,9 @@
   one with ``memory()``, the request handler swaps in new ones.
 * :class:`MemoryBackend`, :class:`MmapBackend`, :func:`select_backend`: how
   regions are mapped, and what the backend lets the daemon advertise.
+* :class:`PostcopyBackend`, :class:`PostcopyFaults`: the postcopy backend
+  (PAGEFAULT, GIL-free copies) and a session's userfaultfd with the regions
+  registered on it.
 """
 
 from vubackend.memory._addresses import MAX_MEM_SLOTS, FrontendAddress, GuestAddress
@@ -23,6 +26,7 @@ from vubackend.memory._backend import (
 from vubackend.memory._descriptor import RegionDescriptor, check_layout
 from vubackend.memory._guest_memory import GuestMemory
 from vubackend.memory._mmap_backend import MmapBackend
+from vubackend.memory._postcopy import PostcopyBackend, PostcopyFaults
 from vubackend.memory._region import HostMapping, MappedRegion
 
 __all__ = [
@@ -39,6 +43,8 @@ __all__ = [
     "MemoryBackend",
     "MemoryGuard",
     "MmapBackend",
+    "PostcopyBackend",
+    "PostcopyFaults",
     "RegionDescriptor",
     "check_layout",
     "select_backend",

@@ -46,8 +46,9 @@ BACKEND_PROTOCOL_FEATURES: Final = (
 class MemoryBackend(Protocol):
     """How guest memory regions are mapped.
 
-    Implemented by :class:`~vubackend.memory.MmapBackend`; the Xen (foreign
-    and grant mapping) and postcopy (userfaultfd) backends implement it too.
+    Implemented by :class:`~vubackend.memory.MmapBackend` and
+    :class:`~vubackend.memory.PostcopyBackend`; the Xen (foreign and grant
+    mapping) backend implements it too.
     """
 
     @property
@@ -115,6 +116,8 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
     Raises:
         MappingError: both were asked for (they exclude each other), or the
             requested backend is not available in this version.
+
+    ``postcopy=True`` gives a :class:`~vubackend.memory.PostcopyBackend`.
     """
     if xen and postcopy:
         raise MappingError(
@@ -122,9 +125,10 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
             "registers fixed mappings with userfaultfd, xen maps grant memory "
             "on demand; choose one"
         )
-    if xen or postcopy:
-        kind = "xen" if xen else "postcopy"
-        raise MappingError(
-            f"the {kind} memory backend is not available in this version"
-        )
+    if postcopy:
+        from vubackend.memory._postcopy import PostcopyBackend
+
+        return PostcopyBackend()
+    if xen:
+        raise MappingError("the xen memory backend is not available in this version")
     return MmapBackend()
