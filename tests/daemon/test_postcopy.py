@@ -46,6 +46,7 @@ from vubackend.frontend import (
 )
 from vubackend.memory import GuestMemoryAtomic, select_backend
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
+from vubackend.vring import VringRwLock
 
 from ._device import SECTOR, RamDisk
 from .conftest import ServeFactory
@@ -67,11 +68,15 @@ class PostcopyDaemon:
     """A daemon with the postcopy memory backend serving a RamDisk whose two
     queues are served by two worker threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, native_rings: bool = True) -> None:
         self.path = path
         self.device = RamDisk(queues=2, per_thread=[0b01, 0b10])
         memory = GuestMemoryAtomic(backend=select_backend(postcopy=True))
-        self.daemon = VhostUserDaemon("postcopy", self.device, memory)
+
+        def vring(mem: GuestMemoryAtomic, size: int) -> VringRwLock:
+            return VringRwLock(mem, size, native=native_rings)
+
+        self.daemon = VhostUserDaemon("postcopy", self.device, memory, vring_type=vring)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -399,7 +404,39 @@ def _hangup_scenario() -> dict[str, object]:
     return facts
 
 
-SCENARIOS = {"faults": _faults_scenario, "hangup": _hangup_scenario}
+def _python_rings_scenario() -> dict[str, object]:
+    faulthandler.dump_traceback_later(WATCHDOG, exit=True)
+    facts: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Rings asked to walk in Python: on postcopy memory they walk in the
+        # native helper all the same (a Python walk holds the GIL).
+        served = PostcopyDaemon(Path(tmp) / "postcopy.sock", native_rings=False)
+        with served.connect() as fe:
+            fe.handshake(FEATURES, PROTOCOL)
+            ram = GuestRam([1 << 20])
+            pager = fe.enter_postcopy(ram)
+            # 256 descriptors fill a page: the descriptor table and the
+            # available ring fault separately.
+            queue = fe.setup_queue(0, 256)
+            facts["table_page_apart"] = (
+                queue.desc % PAGE == 0 and queue.avail % PAGE == 0
+            )
+            requests = Requests(ram, pager, queue)
+            requests.write("late", 5, b"\x04" * SECTOR)
+            requests.evict_ring()
+            requests.queue.kick.signal()
+            facts["done"] = requests.wait(1) == {"late": 1}
+            facts["faults"] = pager.stats.faults
+            fe.leave_postcopy()
+        facts["daemon_stopped"] = served.close()
+    return facts
+
+
+SCENARIOS = {
+    "faults": _faults_scenario,
+    "hangup": _hangup_scenario,
+    "python-rings": _python_rings_scenario,
+}
 
 
 @needs_uffd
@@ -448,3 +485,14 @@ def test_a_frontend_that_leaves_during_a_fault_does_not_hang_the_daemon() -> Non
         "daemon_errors": [],
         "leaked_fds": 0,
     }
+
+
+@needs_uffd
+def test_rings_configured_for_python_walks_use_the_native_walker_on_postcopy() -> None:
+    facts = run_scenario("python-rings")
+    assert facts["table_page_apart"] is True
+    assert facts["done"] is True
+    faults = facts["faults"]
+    assert isinstance(faults, int)
+    assert faults >= 4  # the ring page, the header, the data, the status
+    assert facts["daemon_stopped"] is True
