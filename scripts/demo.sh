@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec vubackend demo "$@"
+PYTHON=${PYTHON:-python3}
+exec "$PYTHON" -m vubackend.cli demo "$@"

@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev)
+# QEMU, qemu-storage-daemon and DPDK are the real peers of the tests;
+# busybox-static, cpio and kmod build the QEMU test guest (scripts/guest.sh).
+APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev
+              busybox-static cpio kmod)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -28,3 +31,6 @@ $PYTHON -m pip install -q --upgrade "pip>=23" "setuptools>=68" wheel "cffi>=1.16
 $PYTHON -m pip install -q --no-build-isolation -e ".[test]"
 $PYTHON -c "import vubackend._native" 2>/dev/null \
     || { echo "the native helper did not build" >&2; exit 1; }
+
+echo "== fetching the QEMU test guest kernel (cached in .cache/guest)"
+bash scripts/guest.sh

@@ -132,15 +132,23 @@ class VhostUserDaemon:
     def memory(self) -> GuestMemoryAtomic:
         return self._memory
 
-    def serve(self, path: str | os.PathLike[str], *, reconnect: bool = True) -> None:
+    def serve(
+        self, path: str | os.PathLike[str] | Listener, *, reconnect: bool = True
+    ) -> None:
         """Listen on ``path`` and serve sessions until :meth:`shutdown`
         (``reconnect``) or until the first session ends.
+
+        Args:
+            path: the socket path, or a :class:`Listener` already listening
+                (created first to report a bad path before serving; the
+                daemon takes it over and closes it).
+            reconnect: keep accepting new sessions after one ends.
 
         Raises:
             TransportError: the socket could not be created.
             VhostUserError: a session ended with an error (not reconnect).
         """
-        listener = Listener(path)
+        listener = path if isinstance(path, Listener) else Listener(path)
         with self._lock:
             self._listener = listener
         try:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import platform
@@ -88,8 +87,10 @@ def open_userfaultfd() -> int:
     """Create a userfaultfd (``O_CLOEXEC | O_NONBLOCK``) and negotiate its API
     with no features, as vhost-user-protocol.md §4.8 asks.
 
-    The syscall is tried first, then with UFFD_USER_MODE_ONLY (all the
-    backend's faults come from user space), then /dev/userfaultfd.
+    Tried in order: the syscall, /dev/userfaultfd, then the syscall with
+    UFFD_USER_MODE_ONLY (what an unprivileged process may get; then a system
+    call such as ``preadv`` into a missing page fails with EFAULT instead of
+    waiting for it, so it comes last).
 
     Returns:
         The fd, owned by the caller.
@@ -99,32 +100,14 @@ def open_userfaultfd() -> int:
     """
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     reasons: list[str] = []
-    fd = -1
     number = _SYSCALL_NUMBERS.get(platform.machine())
     if number is None:
         reasons.append(f"no userfaultfd syscall number for {platform.machine()}")
-    else:
-        for extra in (0, _USER_MODE_ONLY):
-            fd = int(_LIBC.syscall(ctypes.c_long(number), ctypes.c_int(flags | extra)))
-            if fd >= 0:
-                break
-            code = ctypes.get_errno()
-            reasons.append(f"userfaultfd({flags | extra:#x}): {os.strerror(code)}")
-            if code != errno.EPERM:
-                break
+    fd = _by_syscall(number, flags, reasons)
     if fd < 0:
-        try:
-            device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            reasons.append(f"/dev/userfaultfd: {exc.strerror}")
-        else:
-            try:
-                fd = int(_LIBC.ioctl(device, _USERFAULTFD_IOC_NEW, flags))
-                if fd < 0:
-                    code = ctypes.get_errno()
-                    reasons.append(f"USERFAULTFD_IOC_NEW: {os.strerror(code)}")
-            finally:
-                os.close(device)
+        fd = _by_device(flags, reasons)
+    if fd < 0:
+        fd = _by_syscall(number, flags | _USER_MODE_ONLY, reasons)
     if fd < 0:
         raise MappingError("userfaultfd is unavailable: " + "; ".join(reasons))
     try:
@@ -133,6 +116,30 @@ def open_userfaultfd() -> int:
         os.close(fd)
         raise MappingError(f"UFFDIO_API failed: {exc.strerror}") from exc
     return fd
+
+
+def _by_syscall(number: int | None, flags: int, reasons: list[str]) -> int:
+    if number is None:
+        return -1
+    fd = int(_LIBC.syscall(ctypes.c_long(number), ctypes.c_int(flags)))
+    if fd < 0:
+        reasons.append(f"userfaultfd({flags:#x}): {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _by_device(flags: int, reasons: list[str]) -> int:
+    try:
+        device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        reasons.append(f"/dev/userfaultfd: {exc.strerror}")
+        return -1
+    try:
+        fd = int(_LIBC.ioctl(device, _USERFAULTFD_IOC_NEW, flags))
+        if fd < 0:
+            reasons.append(f"USERFAULTFD_IOC_NEW: {os.strerror(ctypes.get_errno())}")
+        return fd
+    finally:
+        os.close(device)
 
 
 def register_missing(fd: int, start: int, length: int) -> int:
