@@ -13,6 +13,7 @@ Every wait in them is bounded as well."""
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import json
 import os
@@ -30,7 +31,7 @@ import pytest
 
 from tests.fdutil import open_fds
 from vubackend.daemon import VhostUserDaemon
-from vubackend.errors import RemoteProtocolError
+from vubackend.errors import MappingError, RemoteProtocolError
 from vubackend.frontend import (
     DEFAULT_PROTOCOL_FEATURES,
     BlkDriver,
@@ -41,11 +42,22 @@ from vubackend.frontend import (
     FrontendQueue,
     GuestRam,
     PostcopyPager,
+    Userfaultfd,
+    frame,
     make_driver_ring,
     userfaultfd_unavailable,
 )
 from vubackend.memory import GuestMemoryAtomic, select_backend
-from vubackend.protocol import ProtocolFeatures, VirtioFeatures
+from vubackend.protocol import (
+    HEADER_SIZE,
+    FrontendReq,
+    Header,
+    HeaderFlags,
+    MemoryRegion,
+    ProtocolFeatures,
+    SingleMemoryRegion,
+    VirtioFeatures,
+)
 from vubackend.vring import VringRwLock
 
 from ._device import SECTOR, RamDisk
@@ -170,6 +182,55 @@ def test_postcopy_memory_replies_carry_the_daemons_addresses(
         assert blk.read(3) == b"\xa5" * SECTOR
         assert pager.stats.faults == 0
         fe.leave_postcopy()
+
+
+@needs_uffd
+def test_regions_added_one_by_one_are_registered_at_the_one_answer(
+    postcopy_daemon: PostcopyDaemon,
+) -> None:
+    """QEMU adds regions with ADD_MEM_REG in postcopy mode and answers once,
+    after the last one: no region is registered before that answer, and
+    every one is after it."""
+    with postcopy_daemon.connect() as fe:
+        fe.handshake(FEATURES, PROTOCOL)
+        uffd = Userfaultfd(fe.postcopy_advise())
+        ram = GuestRam([64 << 10, 64 << 10])
+        try:
+            fe.postcopy_listen()
+            bases = []
+            for region in ram.regions:
+                body = SingleMemoryRegion(
+                    MemoryRegion(region.gpa, region.size, region.faddr, 0)
+                ).pack()
+                reply = fe.exchange_raw(
+                    frame(FrontendReq.ADD_MEM_REG, body), [region.fd]
+                )
+                header = Header.unpack(reply.data[:HEADER_SIZE])
+                assert header.request == FrontendReq.ADD_MEM_REG
+                assert header.flags & HeaderFlags.REPLY
+                ours = SingleMemoryRegion.unpack(reply.data[HEADER_SIZE:]).region
+                assert ours.guest_phys_addr == region.gpa
+                assert ours.userspace_addr != region.faddr
+                bases.append(ours.userspace_addr)
+            page = ctypes.create_string_buffer(b"placed!" * (PAGE // 7), PAGE)
+            with pytest.raises(MappingError):  # not registered yet
+                uffd.copy(bases[0], ctypes.addressof(page), PAGE)
+            fe.send_raw(frame(FrontendReq.ADD_MEM_REG, bytes(8)))  # the answer: 0
+            placed = []
+            for base in bases:
+                deadline = time.monotonic() + WAIT
+                while True:
+                    try:
+                        placed.append(uffd.copy(base, ctypes.addressof(page), PAGE))
+                        break
+                    except MappingError:
+                        assert time.monotonic() < deadline, "never registered"
+                        time.sleep(0.01)
+            assert placed == [True, True]
+            assert [ram.read(r.gpa, 7) for r in ram.regions] == [b"placed!"] * 2
+        finally:
+            uffd.close()
+            ram.close()
 
 
 # ---------------------------------------------------------------- faults
