@@ -182,6 +182,7 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
             block_size=args.block_size,
             serial=args.serial,
             discard=not args.no_discard,
+            busy_poll=args.busy_poll_us / 1e6,
         )
     except VhostUserError as exc:
         raise UsageError(str(exc)) from None
@@ -198,6 +199,8 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
             device.block_size,
             ", O_DIRECT" if device.direct else "",
         )
+        if device.busy_poll:
+            log.info("busy-polling each ring for %.0f us", device.busy_poll * 1e6)
         serve_device("blk", device, args, stop)
     finally:
         s = device.stats
@@ -408,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-discard",
         action="store_true",
         help="do not offer discard and write zeroes",
+    )
+    blk.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="poll a ring this long for the next request before sleeping "
+        "(default 0: off)",
     )
     _common(blk)
 

@@ -318,3 +318,18 @@ def test_missing_image_and_directory_are_refused(tmp_path: Path) -> None:
         BlkDevice(tmp_path / "nope.img")
     with pytest.raises(DeviceError, match=r"Is a directory|neither a regular file"):
         BlkDevice(tmp_path, read_only=True)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_busy_poll_serves_requests_without_waiting_for_kicks(
+    tmp_path: Path, packed: bool
+) -> None:
+    data = os.urandom(8 * SECTOR)
+    with served_blk(tmp_path, packed=packed, busy_poll=0.05) as s:
+        for sector in range(0, 64, 8):
+            s.blk.write(sector, data)
+            assert s.blk.read(sector, 8) == data
+        assert s.on_disk(56, len(data)) == data
+        assert s.device.stats.writes == 8
+    with pytest.raises(DeviceError, match="busy-poll window"):
+        BlkDevice(s.image, busy_poll=5.0)

@@ -45,6 +45,7 @@ from vubackend.memory import (
     GuestAddress,
     GuestMemoryAtomic,
     RegionDescriptor,
+    xen_flags_from_wire,
 )
 from vubackend.protocol import (
     MAX_MEM_SLOTS,
@@ -354,6 +355,9 @@ class RequestHandler:
                 "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK"
             )
         self.acked_protocol = acked
+        if self.offered_protocol_features() & ~int(acked) & ProtocolFeatures.XEN_MMAP:
+            # Acked, then refused, as rust-vmm does: the backend requires it.
+            raise _RefusedError("the xen memory backend requires XEN_MMAP")
 
     def _get_queue_num(self, message: Message, fds: OwnedFds) -> Payload:
         return U64(self.num_queues)
@@ -382,7 +386,10 @@ class RequestHandler:
     def _descriptor(self, region: MemoryRegion, fd: int) -> RegionDescriptor:
         xen_flags = xen_data = 0
         if isinstance(region, XenMemoryRegion):
-            xen_flags, xen_data = region.xen_mmap_flags, region.xen_mmap_data
+            xen_flags = xen_flags_from_wire(region.xen_mmap_flags)
+            xen_data = region.xen_mmap_data
+        elif self.memory.backend.protocol_features & ProtocolFeatures.XEN_MMAP:
+            raise _RefusedError("the xen memory backend needs XEN_MMAP regions")
         return RegionDescriptor(
             gpa=GuestAddress(region.guest_phys_addr),
             size=region.memory_size,

@@ -174,6 +174,10 @@ class BlkDevice(VhostUserBackend):
         serial: the GET_ID answer (at most 20 bytes); by default the
             image's file name.
         discard: offer DISCARD and WRITE_ZEROES (not for read-only images).
+        busy_poll: seconds a worker keeps polling its ring for the next
+            request after the last one, before it re-enables kicks and
+            sleeps (0, the default, never polls). Lowers latency at low
+            queue depth at the cost of a busy CPU.
 
     Raises:
         DeviceError: the image cannot be opened, is not a regular file or a
@@ -192,6 +196,7 @@ class BlkDevice(VhostUserBackend):
         block_size: int = SECTOR,
         serial: str | None = None,
         discard: bool = True,
+        busy_poll: float = 0.0,
     ) -> None:
         path = os.fspath(image)
         if not 1 <= queues <= 64:
@@ -210,6 +215,9 @@ class BlkDevice(VhostUserBackend):
             if serial is not None:
                 raise DeviceError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
             ident = ident[:ID_BYTES]
+        if not 0.0 <= busy_poll <= 1.0:
+            raise DeviceError(f"busy-poll window {busy_poll} s is not in 0..1 s")
+        self.busy_poll = busy_poll
         self.path = path
         self.read_only = read_only
         self.queues = queues
@@ -349,19 +357,23 @@ class BlkDevice(VhostUserBackend):
     def handle_event(
         self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
     ) -> None:
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
+        # One hold of the ring for the whole drain: each VringT call would
+        # otherwise take the lock and a memory lease on its own.
+        with vrings[device_event].get_mut() as ring:
             while True:
-                chains = vring.pop_chains()
-                if not chains:
-                    break
-                vring.add_used_many([(c.head, self._serve(c)) for c in chains])
-                vring.signal_if_needed()
-            # Re-enable, then look again: a request that arrived in between
-            # would otherwise wait for a kick the guest suppressed.
-            if not vring.enable_notification():
-                return
+                ring.disable_notification()
+                chains = ring.pop_chains()
+                if chains:
+                    ring.add_used_many([(c.head, self._serve(c)) for c in chains])
+                    ring.signal_if_needed()
+                # The optional busy-poll window: wait for the next request
+                # spinning, with kicks still off, instead of sleeping.
+                if self.busy_poll and ring.poll_available(self.busy_poll):
+                    continue
+                # Re-enable, then look again: a request that arrived in
+                # between would otherwise wait for a kick the guest suppressed.
+                if not ring.enable_notification():
+                    return
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written)."""

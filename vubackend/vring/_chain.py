@@ -183,7 +183,7 @@ class DescriptorChain:
         :meth:`read`: touching a view holds the GIL, and a page that has not
         arrived yet would block every thread until it does.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(0, self._nread)]
+        return [r.window[o : o + n] for r, o, n in self._pieces(0, self._nread)]
 
     def writable_buffers(self) -> list[memoryview]:
         """The device-writable buffers as memoryviews of guest memory.
@@ -195,7 +195,9 @@ class DescriptorChain:
         Returns:
             One view per piece, in order.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)]
+        return [
+            r.window[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)
+        ]
 
     # ------------------------------------------------------------ reading
 

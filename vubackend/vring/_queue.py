@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Final, cast, final
 
@@ -698,6 +699,28 @@ class Queue:
             RingStateError: the queue is not ready or is broken.
         """
         return self._ring(mem).enable_notification(mem)
+
+    def poll_available(self, mem: GuestMemory, timeout: float) -> bool:
+        """Busy-poll for up to ``timeout`` seconds until the driver makes a
+        chain available (the optional busy-poll window of a device that
+        would otherwise go back to sleep on the kick eventfd).
+
+        Each check is one native acquire load, which also lets other threads
+        of the process run between checks.
+
+        Returns:
+            True as soon as a chain is available; False after ``timeout``.
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        engine = self._ring(mem)
+        deadline = time.monotonic() + timeout
+        while True:
+            if engine.available(mem):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def disable_notification(self, mem: GuestMemory) -> None:
         """Ask the driver not to kick.
