@@ -308,6 +308,8 @@ class VhostUserDaemon:
                 # Memory regions are 40 bytes from the ack of XEN_MMAP on.
                 xen = bool(handler.acked_protocol & ProtocolFeatures.XEN_MMAP)
                 connection.decoder.xen_mmap = xen
+            # Postcopy replies to the memory requests carry the table.
+            connection.decoder.postcopy = handler.postcopy.listening
             if reply is not None:
                 try:
                     connection.send(reply)
@@ -316,6 +318,11 @@ class VhostUserDaemon:
                     return None
                 finally:
                     close_fds(reply.fds)
+            try:
+                handler.postcopy.after_reply(connection)
+            except SessionEndedError as exc:
+                log.warning("%s: ending the session: %s", self.name, exc)
+                return exc
 
     def _nack(
         self, connection: Connection, handler: RequestHandler, exc: RemoteProtocolError

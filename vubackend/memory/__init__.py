@@ -9,6 +9,9 @@
   one with ``memory()``, the request handler swaps in new ones.
 * :class:`MemoryBackend`, :class:`MmapBackend`, :func:`select_backend`: how
   regions are mapped, and what the backend lets the daemon advertise.
+* :class:`PostcopyBackend`, :class:`PostcopyFaults`: the postcopy backend
+  (PAGEFAULT, GIL-free copies) and a session's userfaultfd with the regions
+  registered on it.
 * :class:`XenBackend` (the ``xen`` extra): Xen foreign and grant mappings
   through ``/dev/xen/privcmd`` and ``/dev/xen/gntdev``, per access for
   regions that cannot be mapped in advance. :class:`XenDevices` is its
@@ -34,6 +37,7 @@ from vubackend.memory._backend import (
 from vubackend.memory._descriptor import RegionDescriptor, check_layout
 from vubackend.memory._guest_memory import GuestMemory
 from vubackend.memory._mmap_backend import MmapBackend
+from vubackend.memory._postcopy import PostcopyBackend, PostcopyFaults
 from vubackend.memory._region import (
     HostMapping,
     MappedRegion,
@@ -71,6 +75,8 @@ __all__ = [
     "MemoryGuard",
     "MmapBackend",
     "OnDemandMapping",
+    "PostcopyBackend",
+    "PostcopyFaults",
     "RegionDescriptor",
     "Window",
     "XenBackend",

@@ -47,9 +47,9 @@ BACKEND_PROTOCOL_FEATURES: Final = (
 class MemoryBackend(Protocol):
     """How guest memory regions are mapped.
 
-    Implemented by :class:`~vubackend.memory.MmapBackend` and
-    :class:`~vubackend.memory.XenBackend` (foreign and grant mapping); the
-    postcopy (userfaultfd) backend implements it too.
+    Implemented by :class:`~vubackend.memory.MmapBackend`,
+    :class:`~vubackend.memory.XenBackend` (foreign and grant mapping) and
+    :class:`~vubackend.memory.PostcopyBackend` (userfaultfd).
     """
 
     @property
@@ -119,6 +119,8 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
             requested backend is not available in this version.
         XenUnavailableError: xen was asked for and this host has no Xen
             device files (a MappingError; the message says what is missing).
+
+    ``postcopy=True`` gives a :class:`~vubackend.memory.PostcopyBackend`.
     """
     if xen and postcopy:
         raise MappingError(
@@ -129,7 +131,7 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
     if xen:
         return XenBackend()
     if postcopy:
-        raise MappingError(
-            "the postcopy memory backend is not available in this version"
-        )
+        from vubackend.memory._postcopy import PostcopyBackend
+
+        return PostcopyBackend()
     return MmapBackend()

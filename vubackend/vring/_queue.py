@@ -31,6 +31,9 @@
 #   counter from the record (next avail = used + the pending chains'
 #   slots, as DPDK) and rebuilds the pending chains from the recorded
 #   descriptors on the next pops; malformed ones are dropped.
+# - Regions with native_copies (the postcopy backend) force the native
+#   walker: a Python walk reads guest memory with the GIL held, and a fault
+#   there would stall every thread of the process.
 # - Not thread-safe: VringMutex / VringRwLock serialise access.
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ class Queue:
                 size until ``set_size``.
             native: pop and push batches in the native helper (True) or in
                 the Python reference code (False; slower, same behaviour).
+                Memory mapped with native copies (postcopy) always uses the
+                native helper.
 
         Raises:
             RingStateError: ``max_size`` is out of range.
@@ -407,6 +412,9 @@ class Queue:
             raise RingStateError("queue addresses are not set")
         desc, avail, used = self._addresses
         packed = self._features.packed
+        # Memory that may block on a fault (postcopy) is walked only by the
+        # native helper, which runs without the GIL.
+        native = self._native or any(r.native_copies for r in mem.regions)
         walker = self._walker
         if walker is None or walker.packed != packed or walker.qsize != self._size:
             walker = RingWalker(self._size, packed=packed, max_chains=DEFAULT_BATCH)
@@ -423,7 +431,7 @@ class Queue:
                 avail_wrap=self._avail_wrap,
                 next_used=self._next_used,
                 used_wrap=self._used_wrap,
-                native=self._native,
+                native=native,
             )
         else:
             next_used = self._next_used
@@ -438,7 +446,7 @@ class Queue:
                 walker=walker,
                 next_avail=self._next_avail,
                 next_used=next_used,
-                native=self._native,
+                native=native,
             )
         self._apply_log(engine)
         self._engine = engine
