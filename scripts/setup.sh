@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # QEMU, qemu-storage-daemon and DPDK are the real peers of the tests;
-# busybox-static, cpio and kmod build the QEMU test guest (scripts/guest.sh).
+# busybox-static, cpio and kmod build the QEMU test guest (scripts/guest.sh);
+# libxen-dev gives Xen's libraries (tests load them; without Xen their open
+# calls fail with ENOENT).
 APT_PACKAGES=(gcc libc6-dev qemu-system-x86 qemu-system-common qemu-utils dpdk-dev
-              busybox-static cpio kmod)
+              busybox-static cpio kmod libxen-dev)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

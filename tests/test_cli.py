@@ -3,6 +3,7 @@ exit status, what it prints."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -175,6 +176,9 @@ def test_blk_serves_then_stops_cleanly_on_a_signal(tmp_path: Path, sig: int) -> 
     assert "negotiated protocol features" in output
     assert f"{signal.Signals(sig).name} received: shutting down" in output
     assert "blk served 0 reads (0 MiB), 1 writes" in output
+    counters = re.search(r"blk: ring 0: (\d+) kicks, (\d+) calls", output)
+    assert counters is not None, output
+    assert int(counters.group(2)) >= 2, "the write and the flush completed"
     assert "Traceback" not in output
     assert not sock.exists(), "the socket file is removed on exit"
 

@@ -178,6 +178,16 @@ def serve_device(
         pass
     daemon.close()
     server.join(timeout=10)
+    for index, vring in enumerate(daemon.vrings):
+        with vring.get_ref() as state:
+            if state.kicks or state.calls:
+                log.info(
+                    "%s: ring %d: %d kicks, %d calls",
+                    name,
+                    index,
+                    state.kicks,
+                    state.calls,
+                )
     if errors:
         raise errors[0]
 
@@ -203,6 +213,7 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
             block_size=args.block_size,
             serial=args.serial,
             discard=not args.no_discard,
+            busy_poll=args.busy_poll_us / 1e6,
         )
     except VhostUserError as exc:
         raise UsageError(str(exc)) from None
@@ -219,6 +230,8 @@ def run_blk(args: argparse.Namespace, stop: threading.Event) -> int:
             device.block_size,
             ", O_DIRECT" if device.direct else "",
         )
+        if device.busy_poll:
+            log.info("busy-polling each ring for %.0f us", device.busy_poll * 1e6)
         serve_device("blk", device, args, stop)
     finally:
         s = device.stats
@@ -495,6 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-discard",
         action="store_true",
         help="do not offer discard and write zeroes",
+    )
+    blk.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="poll a ring this long for the next request before sleeping "
+        "(default 0: off)",
     )
     _common(blk)
 

@@ -38,6 +38,7 @@ __all__ = [
     "UnsupportedRequestError",
     "VhostUserError",
     "VringError",
+    "XenUnavailableError",
 ]
 
 
@@ -192,6 +193,14 @@ class UnmappedAddressError(GuestMemoryError):
 class MappingError(GuestMemoryError):
     """A region or log could not be mapped, or its description is invalid
     (overlap, overflow, zero size, too many regions, mmap failure)."""
+
+    reconnect = False
+    _abstract = False
+
+
+class XenUnavailableError(MappingError):
+    """Xen mappings cannot work on this host: ``/dev/xen`` or Xen's
+    libraries are missing. The message names what is missing."""
 
     reconnect = False
     _abstract = False

@@ -318,3 +318,47 @@ def test_missing_image_and_directory_are_refused(tmp_path: Path) -> None:
         BlkDevice(tmp_path / "nope.img")
     with pytest.raises(DeviceError, match=r"Is a directory|neither a regular file"):
         BlkDevice(tmp_path, read_only=True)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_busy_poll_serves_requests_without_waiting_for_kicks(
+    tmp_path: Path, packed: bool
+) -> None:
+    data = os.urandom(8 * SECTOR)
+    with served_blk(tmp_path, packed=packed, busy_poll=0.05) as s:
+        for sector in range(0, 64, 8):
+            s.blk.write(sector, data)
+            assert s.blk.read(sector, 8) == data
+        assert s.on_disk(56, len(data)) == data
+        assert s.device.stats.writes == 8
+    with pytest.raises(DeviceError, match="busy-poll window"):
+        BlkDevice(s.image, busy_poll=5.0)
+
+
+def test_header_split_across_buffers_is_read_whole(tmp_path: Path) -> None:
+    # A driver may split the 16-byte header over two buffers; the device
+    # then reads it through the cursor, and a discard's segments still
+    # start right after it.
+    with served_blk(tmp_path) as s:
+        s.blk.write(0, b"d" * 8 * SECTOR)
+        s.blk.flush()
+        ram = s.fe.ram
+        head = ram.alloc(16, 16)
+        segment = ram.alloc(16, 16)
+        status = ram.alloc(1, 1)
+        ram.write(head, struct.pack("<IIQ", 11, 0, 0))  # DISCARD
+        ram.write(segment, struct.pack("<QII", 2, 2, 0))
+        ram.write(status, b"\xff")
+        token = BlkRequest(BlkRequestType.DISCARD, 0)
+        ring = s.blk._ring
+        ring.add([(head, 8), (head + 8, 8), (segment, 16)], [(status, 1)], token)
+        ring.kick()
+        for _ in range(200):
+            if ring.collect():
+                break
+            threading.Event().wait(0.01)
+        assert ram.read(status, 1) == bytes([BlkStatus.OK])
+        assert s.blk.read(2, 2) == bytes(2 * SECTOR), "the discarded sectors"
+        assert s.blk.read(0, 2) == b"d" * 2 * SECTOR, "the ones before are kept"
+        for gpa, size in ((head, 16), (segment, 16), (status, 1)):
+            ram.free(gpa, size)

@@ -132,11 +132,13 @@ def qemu_command(
     cpus: int = 1,
     reboot: bool = False,
     extra: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line of a guest run (see :func:`run_guest`)."""
     append = ["console=ttyS0", "quiet", "panic=-1", f"vutest={tests}"]
     append += [f"vu.{key}={value}" for key, value in (params or {}).items()]
     command = [
+        *wrapper,
         QEMU,
         "-accel", "tcg",
         "-m", f"{memory_mib}M",
@@ -167,6 +169,7 @@ def run_guest(
     cpus: int = 1,
     reboot: bool = False,
     expect_done: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> GuestRun:
     """Boot the guest, run ``tests`` (comma-separated names of
     ``rootfs/tests/*.sh``) and power off.
@@ -181,6 +184,7 @@ def run_guest(
         cpus: guest CPUs (Linux uses at most one blk-mq queue per CPU).
         reboot: let a guest reboot reset the machine instead of ending QEMU.
         expect_done: fail unless every test ran and nothing failed.
+        wrapper: a command QEMU runs under (``["taskset", "-c", "1"]``).
 
     Raises:
         GuestError: QEMU failed, timed out, or a test reported a failure.
@@ -193,6 +197,7 @@ def run_guest(
         memory_mib=memory_mib,
         cpus=cpus,
         reboot=reboot,
+        wrapper=wrapper,
     )
     start = time.monotonic()
     with log.open("wb") as out:
@@ -282,13 +287,19 @@ def vubackend_command(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def vubackend(
-    args: Sequence[str], socket: Path, log: Path, *, wait_socket: bool = True
+    args: Sequence[str],
+    socket: Path,
+    log: Path,
+    *,
+    wait_socket: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[Backend]:
     """Run ``vubackend ARGS`` (which should serve on ``socket``) until the
-    block ends; fails with its output if it dies or never listens."""
+    block ends, under ``wrapper`` if given (``["taskset", "-c", "0"]``);
+    fails with its output if it dies or never listens."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            vubackend_command(*args),
+            [*wrapper, *vubackend_command(*args)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

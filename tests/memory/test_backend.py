@@ -179,14 +179,6 @@ def test_select_backend_refuses_xen_with_postcopy() -> None:
         select_backend(xen=xen, postcopy=postcopy)  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize(("xen", "postcopy"), [(True, False), (False, True)])
-def test_backends_of_their_own_issues_are_not_available_yet(
-    xen: bool, postcopy: bool
-) -> None:
-    with pytest.raises(MappingError, match="not available"):
-        select_backend(xen=xen) if xen else select_backend(postcopy=postcopy)
-
-
 def test_backend_feature_bits_are_the_spec_bits() -> None:
     # VHOST_USER_PROTOCOL_F_PAGEFAULT = 8, VHOST_USER_PROTOCOL_F_XEN_MMAP = 17
     assert PROTOCOL_FEATURE_PAGEFAULT == 1 << 8

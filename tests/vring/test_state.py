@@ -165,3 +165,18 @@ def test_queue_features_from_virtio_bits() -> None:
     )
     assert QueueFeatures.from_virtio_features(1 << 29) == QueueFeatures(event_idx=True)
     assert QueueFeatures.from_virtio_features(0) == QueueFeatures()
+
+
+def test_kicks_and_calls_are_counted(atomic: GuestMemoryAtomic) -> None:
+    state = VringState(atomic, 16)
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    state.set_kick(kick)
+    state.set_call(call)
+    os.eventfd_write(kick, 3)  # three kicks before the worker looked: one read
+    state.read_kick()
+    state.read_kick()  # nothing to read: not counted
+    state.signal_used_queue()
+    state.signal_used_queue()
+    assert (state.kicks, state.calls) == (1, 2)
+    assert os.eventfd_read(call) == 2
+    state.close()

@@ -422,6 +422,7 @@ class RingWalker:
         "_seg_words",
         "_segs",
         "_state",
+        "_state_words",
         "inflight",
     )
 
@@ -458,6 +459,9 @@ class RingWalker:
         self._segs = _ffi.new("uint64_t[]", 2 * self._max_segs)
         self._seg_words = memoryview(_ffi.buffer(self._segs)).cast("Q")
         self._state = _ffi.new("uint64_t[]", _STATE_WORDS)
+        # Reading the results through a memoryview is several times cheaper
+        # than indexing the cffi array (one call per index).
+        self._state_words = memoryview(_ffi.buffer(self._state)).cast("Q")
         self._entries = _ffi.new("uint32_t[]", 2)
 
     @property
@@ -485,7 +489,7 @@ class RingWalker:
         return min(max_chains, self._max_chains)
 
     def _pop_result(self, stop: int) -> PopResult:
-        st = self._state
+        st = self._state_words
         count = st[_S_COUNT]
         nsegs = st[_S_SEGS]
         return PopResult(

@@ -33,7 +33,7 @@ from vubackend.errors import (
     TransportError,
     VhostUserError,
 )
-from vubackend.memory import GuestMemoryAtomic
+from vubackend.memory import GuestMemoryAtomic, MemoryBackend
 from vubackend.protocol import (
     Connection,
     FrontendReq,
@@ -66,11 +66,14 @@ class VhostUserDaemon:
         name: used in thread names and logs.
         backend: the device.
         memory: the guest memory handle; a fresh one by default.
+        memory_backend: how a fresh handle maps regions (``select_backend``:
+            plain mmap by default, Xen with ``xen=True``); only without
+            ``memory``.
         vring_type: ``VringRwLock`` (default) or ``VringMutex``.
 
     Raises:
         ValueError: the device's queue count, queue size or worker masks are
-            unusable.
+            unusable, or both memory and memory_backend were given.
     """
 
     def __init__(
@@ -80,10 +83,15 @@ class VhostUserDaemon:
         memory: GuestMemoryAtomic | None = None,
         *,
         vring_type: Callable[[GuestMemoryAtomic, int], VringT] = VringRwLock,
+        memory_backend: MemoryBackend | None = None,
     ) -> None:
         self.name = name
         self._backend = serialized(backend)
-        self._memory = memory if memory is not None else GuestMemoryAtomic()
+        if memory is not None and memory_backend is not None:
+            raise ValueError("give memory or memory_backend, not both")
+        self._memory = (
+            memory if memory is not None else GuestMemoryAtomic(backend=memory_backend)
+        )
         num_queues = self._backend.num_queues()
         max_size = self._backend.max_queue_size()
         if not 0 < num_queues <= 256:
@@ -127,6 +135,12 @@ class VhostUserDaemon:
     def get_epoll_handlers(self) -> list[VringEpollHandler]:
         """The workers, to add custom fds with ``register_listener``."""
         return list(self._workers)
+
+    @property
+    def vrings(self) -> list[VringT]:
+        """The device's vrings, by index (for reports: ``with
+        vring.get_ref() as state: state.kicks, state.calls``)."""
+        return list(self._vrings)
 
     @property
     def memory(self) -> GuestMemoryAtomic:
@@ -291,6 +305,11 @@ class VhostUserDaemon:
                     log.warning("%s: ending the session: %s", self.name, exc)
                     return exc
                 self._log_progress(message, handler)
+                # Memory regions are 40 bytes from the ack of XEN_MMAP on.
+                xen = bool(handler.acked_protocol & ProtocolFeatures.XEN_MMAP)
+                connection.decoder.xen_mmap = xen
+            # Postcopy replies to the memory requests carry the table.
+            connection.decoder.postcopy = handler.postcopy.listening
             if reply is not None:
                 try:
                     connection.send(reply)
@@ -299,6 +318,11 @@ class VhostUserDaemon:
                     return None
                 finally:
                     close_fds(reply.fds)
+            try:
+                handler.postcopy.after_reply(connection)
+            except SessionEndedError as exc:
+                log.warning("%s: ending the session: %s", self.name, exc)
+                return exc
 
     def _nack(
         self, connection: Connection, handler: RequestHandler, exc: RemoteProtocolError

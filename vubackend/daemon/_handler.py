@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
-from vubackend.bitmap import DirtyLog
 from vubackend.daemon._backend import VhostUserBackend
 from vubackend.daemon._channel import BackendChannel
+from vubackend.daemon._dirty_log import SessionDirtyLog
 from vubackend.daemon._inflight import InflightBuffer
+from vubackend.daemon._postcopy import PostcopySession
 from vubackend.daemon._worker import VringEpollHandler
 from vubackend.errors import (
     DeviceError,
@@ -44,6 +45,7 @@ from vubackend.memory import (
     GuestAddress,
     GuestMemoryAtomic,
     RegionDescriptor,
+    xen_flags_from_wire,
 )
 from vubackend.protocol import (
     MAX_MEM_SLOTS,
@@ -164,10 +166,8 @@ class RequestHandler:
         self.status = 0
         self.channel: BackendChannel | None = None
         self.inflight: InflightBuffer | None = None
-        self.logging_all = False
-        # SET_LOG_BASE's fd (ours), size and offset: the log is mapped from
-        # it whenever logging starts.
-        self._log_source: tuple[int, int, int] | None = None
+        self.dirty = SessionDirtyLog(memory)
+        self.postcopy = PostcopySession(memory)
         self._handlers: dict[
             FrontendReq, Callable[[Message, OwnedFds], Payload | None]
         ] = {
@@ -204,6 +204,9 @@ class RequestHandler:
             FrontendReq.SET_DEVICE_STATE_FD: self._set_device_state_fd,
             FrontendReq.CHECK_DEVICE_STATE: self._check_device_state,
             FrontendReq.GET_SHMEM_CONFIG: self._get_shmem_config,
+            FrontendReq.POSTCOPY_ADVISE: self._postcopy_advise,
+            FrontendReq.POSTCOPY_LISTEN: self.postcopy.listen,
+            FrontendReq.POSTCOPY_END: self.postcopy.end,
         }
 
     # ------------------------------------------------------------ features
@@ -275,7 +278,8 @@ class RequestHandler:
             log.exception("%s: the device failed unexpectedly", request.name)
             return self._failure(message, acked_before or self.reply_ack)
         reply_fds, self._reply_fds = self._reply_fds, ()
-        if spec.has_reply_body:
+        # A memory request is answered with a body in postcopy mode only.
+        if spec.has_reply_body or body is not None:
             assert body is not None
             # The caller sends these fds and then closes them.
             return Message.new_reply(request, body, fds=reply_fds)
@@ -320,9 +324,8 @@ class RequestHandler:
             for index in range(len(self.rings)):
                 self._set_enabled(index, True)
         logging_all = bool(features & VirtioFeatures.LOG_ALL)
-        if logging_all != self.logging_all:
-            self.logging_all = logging_all
-            self._apply_logging()
+        if self.dirty.set_logging_all(logging_all):
+            self._apply_ring_logging()
             log.info("dirty logging %s", "on" if logging_all else "off")
         self.backend.set_event_idx(queue_features.event_idx)
         self.backend.acked_features(features)
@@ -358,6 +361,9 @@ class RequestHandler:
                 "INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK"
             )
         self.acked_protocol = acked
+        if self.offered_protocol_features() & ~int(acked) & ProtocolFeatures.XEN_MMAP:
+            # Acked, then refused, as rust-vmm does: the backend requires it.
+            raise _RefusedError("the xen memory backend requires XEN_MMAP")
         self.protocol_negotiated = True
 
     def _get_queue_num(self, message: Message, fds: OwnedFds) -> Payload:
@@ -387,7 +393,10 @@ class RequestHandler:
     def _descriptor(self, region: MemoryRegion, fd: int) -> RegionDescriptor:
         xen_flags = xen_data = 0
         if isinstance(region, XenMemoryRegion):
-            xen_flags, xen_data = region.xen_mmap_flags, region.xen_mmap_data
+            xen_flags = xen_flags_from_wire(region.xen_mmap_flags)
+            xen_data = region.xen_mmap_data
+        elif self.memory.backend.protocol_features & ProtocolFeatures.XEN_MMAP:
+            raise _RefusedError("the xen memory backend needs XEN_MMAP regions")
         return RegionDescriptor(
             gpa=GuestAddress(region.guest_phys_addr),
             size=region.memory_size,
@@ -398,7 +407,7 @@ class RequestHandler:
             xen_data=xen_data,
         )
 
-    def _set_mem_table(self, message: Message, fds: OwnedFds) -> None:
+    def _set_mem_table(self, message: Message, fds: OwnedFds) -> Payload | None:
         assert isinstance(message.payload, MemoryTable)
         regions = message.payload.regions
         descriptors = [
@@ -406,14 +415,16 @@ class RequestHandler:
         ]
         self.memory.set_mem_table(descriptors)
         self._memory_changed()
+        return self.postcopy.memory_reply(FrontendReq.SET_MEM_TABLE, message.payload)
 
-    def _add_mem_reg(self, message: Message, fds: OwnedFds) -> None:
+    def _add_mem_reg(self, message: Message, fds: OwnedFds) -> Payload | None:
         assert isinstance(message.payload, SingleMemoryRegion)
         with self.memory.memory() as current:
             if len(current.regions) >= MAX_MEM_SLOTS:
                 raise _RefusedError(f"all {MAX_MEM_SLOTS} memory slots are in use")
         self.memory.add_region(self._descriptor(message.payload.region, fds.borrow(0)))
         self._memory_changed()
+        return self.postcopy.memory_reply(FrontendReq.ADD_MEM_REG, message.payload)
 
     def _rem_mem_reg(self, message: Message, fds: OwnedFds) -> None:
         assert isinstance(message.payload, SingleMemoryRegion)
@@ -438,38 +449,25 @@ class RequestHandler:
                     log.warning(
                         "ring %d is not in the new memory table: %s", index, exc
                     )
+        # Re-translation reset where used rings are logged (log_guest_addr).
+        self._apply_ring_logging()
         self.backend.update_memory(self.memory)
 
     def _set_log_base(self, message: Message, fds: OwnedFds) -> Payload:
         assert isinstance(message.payload, Log)
         size, offset = message.payload.mmap_size, message.payload.mmap_offset
-        # Map once now, so that a bad size or offset is refused at once.
-        DirtyLog.map(fds.borrow(0), size=size, offset=offset).close()
-        if self._log_source is not None:
-            os.close(self._log_source[0])
-        self._log_source = (fds.take(0), size, offset)
-        self._apply_logging()
+        self.dirty.set_base(fds.take(0), size, offset)
         return U64(0)
 
     def _set_log_fd(self, message: Message, fds: OwnedFds) -> None:
         # Optional; we never need to wake the front-end after logging.
         log.debug("SET_LOG_FD: the log eventfd is not used")
 
-    def _apply_logging(self) -> None:
-        # Guest writes are logged while LOG_ALL is acked and a log is set;
-        # clearing LOG_ALL stops logging (the seed keeps logging: a TODO
-        # there). Each ring logs its used-ring writes when its
+    def _apply_ring_logging(self) -> None:
+        # Each ring logs its own writes when LOG_ALL is on and its
         # SET_VRING_ADDR asked for it (VHOST_VRING_F_LOG).
-        if self.logging_all and self._log_source is not None:
-            fd, size, offset = self._log_source
-            self.memory.set_log(DirtyLog.map(fd, size=size, offset=offset))
-        else:
-            self.memory.set_log(None)
         for ring in self.rings:
-            addr = ring.addr
-            logged = self.logging_all and addr is not None and bool(addr.flags & 1)
-            log_addr = GuestAddress(addr.log) if logged and addr is not None else None
-            ring.vring.set_log_used(logged, log_addr)
+            ring.vring.set_log_used(*self.dirty.ring_log(ring.addr))
 
     # ------------------------------------------------------------ rings
 
@@ -493,7 +491,7 @@ class RequestHandler:
         index = message.payload.index
         self._ring(index)
         self._apply_addr(index, message.payload, reload_used=True)
-        self._apply_logging()
+        self._apply_ring_logging()
 
     def _apply_addr(self, index: int, addr: VringAddr, *, reload_used: bool) -> None:
         ring = self.rings[index]
@@ -652,6 +650,10 @@ class RequestHandler:
         sizes = tuple(self.backend.get_shmem_config())
         return ShmemConfig(len(sizes), sizes)
 
+    def _postcopy_advise(self, message: Message, fds: OwnedFds) -> Payload:
+        self._reply_fds = (self.postcopy.advise(),)
+        return Empty()
+
     # ------------------------------------------------------------ inflight
 
     def _attach_inflight(self, index: int) -> None:
@@ -737,17 +739,17 @@ class RequestHandler:
 
     def close(self) -> None:
         """End the session: stop rings, close every fd, unmap memory."""
+        # First: unregistering wakes workers blocked on a fault (stopping
+        # a ring waits for them).
+        self.postcopy.close()
         for index, ring in enumerate(self.rings):
             self._stop_ring(index)
             ring.enabled = False
             self._close_ring_fds(ring)
             ring.addr = None
             ring.vring.reset()  # positions, addresses, eventfds
-        self.memory.set_log(None)
+        self.dirty.close()
         self.memory.set_mem_table([])
-        if self._log_source is not None:
-            os.close(self._log_source[0])
-            self._log_source = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None

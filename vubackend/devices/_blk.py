@@ -141,6 +141,24 @@ def _skip(views: list[memoryview], count: int) -> list[memoryview]:
     return out
 
 
+def _scatter_into(views: list[memoryview], data: memoryview) -> None:
+    """Copy ``data`` into the concatenation of ``views``."""
+    done = 0
+    for view in views:
+        n = len(view)
+        view[:] = data[done : done + n]
+        done += n
+
+
+def _gather_from(views: list[memoryview], out: memoryview) -> None:
+    """Copy the concatenation of ``views`` into ``out``."""
+    done = 0
+    for view in views:
+        n = len(view)
+        out[done : done + n] = view
+        done += n
+
+
 def _trim(views: list[memoryview], length: int) -> list[memoryview]:
     """The first ``length`` bytes of the views."""
     out: list[memoryview] = []
@@ -174,6 +192,10 @@ class BlkDevice(VhostUserBackend):
         serial: the GET_ID answer (at most 20 bytes); by default the
             image's file name.
         discard: offer DISCARD and WRITE_ZEROES (not for read-only images).
+        busy_poll: seconds a worker keeps polling its ring for the next
+            request after the last one, before it re-enables kicks and
+            sleeps (0, the default, never polls). Lowers latency at low
+            queue depth at the cost of a busy CPU.
 
     Raises:
         DeviceError: the image cannot be opened, is not a regular file or a
@@ -192,6 +214,7 @@ class BlkDevice(VhostUserBackend):
         block_size: int = SECTOR,
         serial: str | None = None,
         discard: bool = True,
+        busy_poll: float = 0.0,
     ) -> None:
         path = os.fspath(image)
         if not 1 <= queues <= 64:
@@ -210,6 +233,9 @@ class BlkDevice(VhostUserBackend):
             if serial is not None:
                 raise DeviceError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
             ident = ident[:ID_BYTES]
+        if not 0.0 <= busy_poll <= 1.0:
+            raise DeviceError(f"busy-poll window {busy_poll} s is not in 0..1 s")
+        self.busy_poll = busy_poll
         self.path = path
         self.read_only = read_only
         self.queues = queues
@@ -349,19 +375,23 @@ class BlkDevice(VhostUserBackend):
     def handle_event(
         self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
     ) -> None:
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
+        # One hold of the ring for the whole drain: each VringT call would
+        # otherwise take the lock and a memory lease on its own.
+        with vrings[device_event].get_mut() as ring:
             while True:
-                chains = vring.pop_chains()
-                if not chains:
-                    break
-                vring.add_used_many([(c.head, self._serve(c)) for c in chains])
-                vring.signal_if_needed()
-            # Re-enable, then look again: a request that arrived in between
-            # would otherwise wait for a kick the guest suppressed.
-            if not vring.enable_notification():
-                return
+                ring.disable_notification()
+                chains = ring.pop_chains()
+                if chains:
+                    ring.add_used_many([(c.head, self._serve(c)) for c in chains])
+                    ring.signal_if_needed()
+                # The optional busy-poll window: wait for the next request
+                # spinning, with kicks still off, instead of sleeping.
+                if self.busy_poll and ring.poll_available(self.busy_poll):
+                    continue
+                # Re-enable, then look again: a request that arrived in
+                # between would otherwise wait for a kick the guest suppressed.
+                if not ring.enable_notification():
+                    return
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written)."""
@@ -370,15 +400,20 @@ class BlkDevice(VhostUserBackend):
             self._count(errors=1)
             log.warning("request %d has no status byte; dropped", chain.head)
             return 0
-        header = chain.read(HEADER.size)
-        if len(header) != HEADER.size:
-            return self._status(chain, S_IOERR, errors=1)
-        kind, _ioprio, sector = HEADER.unpack(header)
+        readable = chain.readable_buffers()
+        if readable and len(readable[0]) >= HEADER.size:
+            # The usual layout: the header alone in the first buffer.
+            kind, _ioprio, sector = HEADER.unpack_from(readable[0])
+        else:
+            header = chain.read(HEADER.size)
+            if len(header) != HEADER.size:
+                return self._status(chain, S_IOERR, errors=1)
+            kind, _ioprio, sector = HEADER.unpack(header)
         try:
             if kind == T_IN:
                 return self._read(chain, sector)
             if kind == T_OUT:
-                return self._write(chain, sector)
+                return self._write(chain, sector, readable)
             if kind == T_FLUSH:
                 if not self.read_only:
                     os.fdatasync(self._fd)
@@ -388,6 +423,8 @@ class BlkDevice(VhostUserBackend):
                 chain.write(ident[: chain.writable_len - 1])
                 return self._status(chain, S_OK, get_ids=1)
             if kind in (T_DISCARD, T_WRITE_ZEROES) and self.discard:
+                if not chain.bytes_read:  # the segments follow the header
+                    chain.read(HEADER.size)
                 return self._segments(chain, kind)
         except OSError as exc:
             log.warning("request type %d at sector %d failed: %s", kind, sector, exc)
@@ -400,6 +437,15 @@ class BlkDevice(VhostUserBackend):
         chain.mark_written(chain.writable_len - 1)
         chain.write(bytes((status,)))
         return chain.bytes_written
+
+    @staticmethod
+    def _ok(chain: DescriptorChain, writable: list[memoryview]) -> int:
+        # The fast completion: the status byte set in place, the whole
+        # writable part marked written (data and status) at once.
+        writable[-1][-1] = S_OK
+        length = chain.writable_len
+        chain.mark_written(length)
+        return length
 
     def _count(self, **counts: int) -> None:
         with self.stats.lock:
@@ -420,30 +466,39 @@ class BlkDevice(VhostUserBackend):
         offset = self._range(sector, length)
         if offset is None:
             return self._status(chain, S_IOERR, errors=1)
-        views = _trim(chain.writable_buffers(), length)
+        writable = chain.writable_buffers()
         if self.direct:
-            bounce = self._bounce(length)
-            self._full_preadv([memoryview(bounce)[:length]], offset)
-            chain.write(memoryview(bounce)[:length])
+            bounce = memoryview(self._bounce(length))[:length]
+            self._full_preadv([bounce], offset)
+            _scatter_into(_trim(writable, length), bounce)
         else:
-            self._full_preadv(views, offset)
-            chain.mark_written(length)
-        return self._status(chain, S_OK, reads=1, bytes_read=length)
+            self._full_preadv(_trim(writable, length), offset)
+        stats = self.stats
+        with stats.lock:
+            stats.reads += 1
+            stats.bytes_read += length
+        return self._ok(chain, writable)
 
-    def _write(self, chain: DescriptorChain, sector: int) -> int:
+    def _write(
+        self, chain: DescriptorChain, sector: int, readable: list[memoryview]
+    ) -> int:
         length = chain.readable_len - HEADER.size
         offset = self._range(sector, length)
         if self.read_only or offset is None:
             return self._status(chain, S_IOERR, errors=1)
-        views = _skip(chain.readable_buffers(), HEADER.size)
+        views = _skip(readable, HEADER.size)
         if self.direct:
-            bounce = self._bounce(length)
-            chain.readinto(memoryview(bounce)[:length])
-            views = [memoryview(bounce)[:length]]
+            bounce = memoryview(self._bounce(length))[:length]
+            _gather_from(views, bounce)
+            views = [bounce]
         self._full_pwritev(views, offset)
         if self.write_through:
             os.fdatasync(self._fd)
-        return self._status(chain, S_OK, writes=1, bytes_written=length)
+        stats = self.stats
+        with stats.lock:
+            stats.writes += 1
+            stats.bytes_written += length
+        return self._ok(chain, chain.writable_buffers())
 
     def _segments(self, chain: DescriptorChain, kind: int) -> int:
         data = chain.read()

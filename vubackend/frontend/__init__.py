@@ -20,6 +20,9 @@
   :class:`PostcopyPager` (missing pages, their placement with UFFDIO_COPY
   and the fault thread), :class:`PostcopyClient`, :class:`PostcopyStats`,
   :class:`Userfaultfd`, :class:`UffdEvent`, :func:`userfaultfd_unavailable`.
+* Xen (XEN_MMAP): :class:`XenRegion`, :func:`xen_region`,
+  :func:`share_xen_memory` send the frontend's RAM as Xen foreign or grant
+  regions, with device handles as fds.
 * ``vubackend.frontend.testing``: pytest fixtures.
 """
 
@@ -53,6 +56,7 @@ from vubackend.frontend._raw import RawOutcome, RawReply, frame
 from vubackend.frontend._results import DeviceStateReply, InflightBuffer
 from vubackend.frontend._rng import RngDriver
 from vubackend.frontend._uffd import UffdEvent, Userfaultfd, userfaultfd_unavailable
+from vubackend.frontend._xen import XenRegion, share_xen_memory, xen_region
 
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
@@ -90,7 +94,10 @@ __all__ = [
     "RngDriver",
     "UffdEvent",
     "Userfaultfd",
+    "XenRegion",
     "frame",
     "make_driver_ring",
+    "share_xen_memory",
     "userfaultfd_unavailable",
+    "xen_region",
 ]

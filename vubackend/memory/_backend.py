@@ -25,6 +25,7 @@ from vubackend.errors import MappingError
 from vubackend.memory._descriptor import RegionDescriptor
 from vubackend.memory._mmap_backend import MmapBackend
 from vubackend.memory._region import MappedRegion
+from vubackend.memory._xen import XenBackend
 
 __all__ = [
     "BACKEND_PROTOCOL_FEATURES",
@@ -46,8 +47,9 @@ BACKEND_PROTOCOL_FEATURES: Final = (
 class MemoryBackend(Protocol):
     """How guest memory regions are mapped.
 
-    Implemented by :class:`~vubackend.memory.MmapBackend`; the Xen (foreign
-    and grant mapping) and postcopy (userfaultfd) backends implement it too.
+    Implemented by :class:`~vubackend.memory.MmapBackend`,
+    :class:`~vubackend.memory.XenBackend` (foreign and grant mapping) and
+    :class:`~vubackend.memory.PostcopyBackend` (userfaultfd).
     """
 
     @property
@@ -115,6 +117,10 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
     Raises:
         MappingError: both were asked for (they exclude each other), or the
             requested backend is not available in this version.
+        XenUnavailableError: xen was asked for and this host has no Xen
+            device files (a MappingError; the message says what is missing).
+
+    ``postcopy=True`` gives a :class:`~vubackend.memory.PostcopyBackend`.
     """
     if xen and postcopy:
         raise MappingError(
@@ -122,9 +128,10 @@ def select_backend(*, xen: bool = False, postcopy: bool = False) -> MemoryBacken
             "registers fixed mappings with userfaultfd, xen maps grant memory "
             "on demand; choose one"
         )
-    if xen or postcopy:
-        kind = "xen" if xen else "postcopy"
-        raise MappingError(
-            f"the {kind} memory backend is not available in this version"
-        )
+    if xen:
+        return XenBackend()
+    if postcopy:
+        from vubackend.memory._postcopy import PostcopyBackend
+
+        return PostcopyBackend()
     return MmapBackend()

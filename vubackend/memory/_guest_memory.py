@@ -17,6 +17,10 @@
 #   on zero-length descriptors belongs to the ring layer.
 # - Lookup is a binary search over region starts (bisect); the helpers try
 #   "inside one region" first and fall back to splitting.
+# - translate() slices each region's `window`: its view, or for an on-demand
+#   region (Xen grants mapped per access) a transient mapping of the pages,
+#   alive as long as the returned memoryview. Integer helpers use the view
+#   only for `direct` regions.
 # - Lifetime: a snapshot owns one reference on each of its regions. Users of
 #   a shared snapshot hold a lease (_take_lease/_drop_lease, counted under a
 #   lock, taken by GuestMemoryAtomic.memory()); close() retires the snapshot
@@ -39,7 +43,7 @@ from vubackend.errors import MappingError, UnmappedAddressError
 from vubackend.memory._addresses import FrontendAddress, GuestAddress
 from vubackend.memory._descriptor import RegionDescriptor, check_layout
 from vubackend.memory._mmap_backend import MmapBackend
-from vubackend.memory._region import MappedRegion
+from vubackend.memory._region import MappedRegion, Window
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -84,12 +88,14 @@ class GuestMemory:
         "_closed",
         "_end",
         "_faddr_starts",
+        "_fixed_sizes",
         "_lock",
         "_regions",
         "_released",
         "_starts",
         "_users",
         "_views",
+        "_windows",
     )
 
     def __init__(self, regions: Iterable[MappedRegion] = ()) -> None:
@@ -119,6 +125,9 @@ class GuestMemory:
         self._regions = ordered
         self._starts = [r.gpa for r in ordered]
         self._views = tuple(r.view for r in ordered)
+        # What translate() slices: the views, or on-demand mappings.
+        self._fixed_sizes = tuple(0 if r.on_demand else r.size for r in ordered)
+        self._windows: tuple[Window, ...] = tuple(r.window for r in ordered)
         self._end = ordered[-1].end if ordered else 0
         self._by_faddr = tuple(sorted(ordered, key=lambda r: r.frontend_addr))
         self._faddr_starts = [r.frontend_addr for r in self._by_faddr]
@@ -198,7 +207,8 @@ class GuestMemory:
         """Find the one region holding all of ``[gpa, gpa + length)``.
 
         For ring structures, which must be contiguous in one region; use
-        ``region.atomic`` at the returned offset for atomic accesses.
+        ``region.atomic`` at the returned offset for atomic accesses. A
+        region mapped on demand has no fixed mapping and is never returned.
 
         Args:
             gpa: first guest physical address.
@@ -208,7 +218,8 @@ class GuestMemory:
             ``(region, offset)``: the region and the offset of ``gpa`` in it.
 
         Raises:
-            UnmappedAddressError: no single region holds the whole range.
+            UnmappedAddressError: no single region holds the whole range, or
+                it is in a region mapped on demand.
             ValueError: ``length`` is negative.
         """
         if length < 0:
@@ -217,8 +228,12 @@ class GuestMemory:
         if i >= 0:
             region = self._regions[i]
             offset = gpa - region.gpa
-            if offset < region.size and offset + length <= region.size:
+            # An on-demand region's fixed size is 0: it has no fixed mapping.
+            fixed = self._fixed_sizes[i]
+            if offset < fixed and offset + length <= fixed:
                 return region, offset
+            if region.on_demand and offset < region.size:
+                raise _unmapped(gpa, length, "in a region mapped on demand")
         raise _unmapped(gpa, length, "not inside one memory region")
 
     def translate(self, gpa: GuestAddress, length: int) -> list[memoryview]:
@@ -248,7 +263,7 @@ class GuestMemory:
         region = regions[i]
         offset = gpa - region.gpa
         if offset + length <= region.size:
-            return [self._views[i][offset : offset + length]]
+            return [self._windows[i][offset : offset + length]]
         if offset >= region.size:
             raise _unmapped(gpa, length, f"no memory region at {gpa:#x}")
         # Spans regions: check that they are contiguous up to the end before
@@ -265,7 +280,7 @@ class GuestMemory:
             if length - done <= regions[i].size:
                 break
             done += regions[i].size
-        views = self._views
+        views = self._windows
         return [
             views[first][offset:],
             # New views, never the region's own: a caller may release() them.
@@ -412,7 +427,7 @@ class GuestMemory:
         if i >= 0:
             region = self._regions[i]
             offset = gpa - region.gpa
-            if offset + fmt.size <= region.size and not region.native_copies:
+            if offset + fmt.size <= region.size and region.direct:
                 value: int = fmt.unpack_from(self._views[i], offset)[0]
                 return value
         result: int = fmt.unpack(self.read(GuestAddress(gpa), fmt.size))[0]
@@ -424,7 +439,7 @@ class GuestMemory:
             if i >= 0:
                 region = self._regions[i]
                 offset = gpa - region.gpa
-                if offset + fmt.size <= region.size and not region.native_copies:
+                if offset + fmt.size <= region.size and region.direct:
                     fmt.pack_into(self._views[i], offset, value)
                     region.bitmap.mark_dirty(offset, fmt.size)
                     return

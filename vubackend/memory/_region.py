@@ -19,6 +19,13 @@
 #   after writing them.
 # - With native_copies (postcopy), data is copied by the GIL-free native
 #   helper; otherwise by memoryview slicing, which is faster for small copies.
+# - An on-demand region (Xen grants with NO_ADVANCE_MAP) has no fixed mapping
+#   of its bytes: its view is a placeholder for bounds, and every access maps
+#   what it touches through its OnDemandMapping. It takes the slow branch of
+#   the access methods (the one native copies take), so plain regions pay
+#   nothing for it; `direct` says whether the view may be used directly and
+#   `window` is what to slice for host memory (the view itself, or the
+#   on-demand mapping whose slices are transient mappings).
 
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from vubackend.memory._descriptor import RegionDescriptor
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["HostMapping", "MappedRegion"]
+__all__ = ["HostMapping", "MappedRegion", "OnDemandMapping", "Window"]
 
 _NOOP_BITMAP = NoopBitmap()
 # Buffers whose len() is their byte size and that slice-assign into a
@@ -58,6 +65,33 @@ class HostMapping(Protocol):
         Returns:
             True if unmapped now, False if deferred until Python views die.
         """
+        ...
+
+
+class Window(Protocol):
+    """What a region's host memory is sliced through: a memoryview, or an
+    :class:`OnDemandMapping`."""
+
+    def __getitem__(self, key: slice, /) -> memoryview: ...
+
+
+class OnDemandMapping(Protocol):
+    """Per-access mapping of a region that cannot be mapped in advance."""
+
+    def map(self, offset: int, length: int, writable: bool) -> memoryview:
+        """Map the pages covering ``[offset, offset + length)`` of the region.
+
+        Returns:
+            A view of exactly those bytes (writable if asked); the pages stay
+            mapped while it, or a slice of it, is alive.
+
+        Raises:
+            MappingError: the mapping failed.
+        """
+        ...
+
+    def __getitem__(self, key: slice, /) -> memoryview:
+        """``map(start, stop - start, writable=True)`` for a slice."""
         ...
 
 
@@ -89,16 +123,19 @@ class MappedRegion:
     __slots__ = (
         "_atomic",
         "_bitmap",
+        "_demand",
         "_lock",
         "_mapping",
         "_native",
         "_refs",
         "_view",
+        "direct",
         "end",
         "frontend_addr",
         "gpa",
         "mmap_offset",
         "size",
+        "window",
         "xen_data",
         "xen_flags",
     )
@@ -110,6 +147,7 @@ class MappedRegion:
         *,
         log: DirtyLogSlot | None = None,
         native_copies: bool = False,
+        on_demand: OnDemandMapping | None = None,
     ) -> None:
         """Wrap a mapping made for ``descriptor``.
 
@@ -123,6 +161,8 @@ class MappedRegion:
                 means the region is never logged.
             native_copies: copy data with the GIL-free native helper (needed
                 when touching the memory may block, as with postcopy).
+            on_demand: for a region that is mapped per access: how; then
+                ``mapping`` is only a placeholder of the right size.
 
         Raises:
             MappingError: the mapping's size differs from the descriptor's,
@@ -154,7 +194,11 @@ class MappedRegion:
         self._bitmap: Bitmap = (
             _NOOP_BITMAP if log is None else RegionBitmap(log, descriptor.gpa)
         )
-        self._native = native_copies
+        self._native = native_copies or on_demand is not None
+        self._demand = on_demand
+        # Whether the view holds the bytes and plain slicing may copy them.
+        self.direct: Final[bool] = not self._native
+        self.window: Final[Window] = view if on_demand is None else on_demand
         self._lock = threading.Lock()
         self._refs = 1
 
@@ -185,7 +229,14 @@ class MappedRegion:
     @property
     def native_copies(self) -> bool:
         """Whether data is copied by the GIL-free native helper."""
-        return self._native
+        return self._native and self._demand is None
+
+    @property
+    def on_demand(self) -> bool:
+        """Whether the region is mapped per access (no fixed mapping: its
+        :attr:`view` and :attr:`atomic` are placeholders; slice
+        :attr:`window` instead)."""
+        return self._demand is not None
 
     @property
     def mapped(self) -> bool:
@@ -229,6 +280,8 @@ class MappedRegion:
         """
         self._check(offset, length)
         if self._native:
+            if self._demand is not None:
+                return self._demand.map(offset, length, False).tobytes()
             return self._atomic.read(offset, length)
         return self._view[offset : offset + length].tobytes()
 
@@ -250,6 +303,9 @@ class MappedRegion:
         length = dst.nbytes
         self._check(offset, length)
         if self._native:
+            if self._demand is not None:
+                dst[:] = self._demand.map(offset, length, False)
+                return length
             return self._atomic.read_into(offset, dst)
         dst[:] = self._view[offset : offset + length]
         return length
@@ -268,7 +324,10 @@ class MappedRegion:
         length = len(src)
         self._check(offset, length)
         if self._native:
-            self._atomic.write(offset, src)
+            if self._demand is not None:
+                self._demand.map(offset, length, True)[:] = src
+            else:
+                self._atomic.write(offset, src)
         else:
             self._view[offset : offset + length] = src
         self._bitmap.mark_dirty(offset, length)

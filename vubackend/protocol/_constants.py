@@ -203,11 +203,16 @@ class ConfigFlags(enum.IntFlag):
 
 
 class XenMmapFlags(enum.IntFlag):
-    """xen_mmap_flags of a memory region when XEN_MMAP is negotiated."""
+    """xen_mmap_flags of a memory region when XEN_MMAP is negotiated.
+
+    No flag at all is a plain mapping of the fd (rust-vmm's ``UNIX``). The
+    "map on demand" bit is UNSETTLED: the spec text says bit 8, the rust-vmm
+    frontends (vm-memory ``NO_ADVANCE_MAP``) send 0x8; both are accepted."""
 
     FOREIGN = 0x1
     GRANT = 0x2
-    NO_ADVANCE_MAP = 0x100  # map and unmap on demand, per access
+    NO_ADVANCE_MAP_VM_MEMORY = 0x8  # what rust-vmm frontends send
+    NO_ADVANCE_MAP = 0x100  # map and unmap on demand, per access (spec text)
 
 
 class ShmemMapFlags(enum.IntFlag):

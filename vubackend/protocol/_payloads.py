@@ -260,14 +260,19 @@ class XenMemoryRegion(MemoryRegion):
 
     def validate(self) -> None:
         MemoryRegion.validate(self)
-        unknown = self.xen_mmap_flags & ~int(
-            XenMmapFlags.FOREIGN | XenMmapFlags.GRANT | XenMmapFlags.NO_ADVANCE_MAP
+        on_demand = int(
+            XenMmapFlags.NO_ADVANCE_MAP | XenMmapFlags.NO_ADVANCE_MAP_VM_MEMORY
         )
+        flags = self.xen_mmap_flags
+        unknown = flags & ~(int(XenMmapFlags.FOREIGN | XenMmapFlags.GRANT) | on_demand)
         if unknown:
             raise _fail(f"unknown xen mmap flags {unknown:#x}")
-        kind = self.xen_mmap_flags & (XenMmapFlags.FOREIGN | XenMmapFlags.GRANT)
-        if kind not in (XenMmapFlags.FOREIGN, XenMmapFlags.GRANT):
-            raise _fail("a xen memory region must be exactly one of foreign or grant")
+        # rust-vmm's MmapXenFlags::is_valid: at most one of foreign and
+        # grant; on-demand mapping only for grants; no flag = plain mapping.
+        if flags & XenMmapFlags.FOREIGN and flags & XenMmapFlags.GRANT:
+            raise _fail("a xen memory region cannot be both foreign and grant")
+        if flags & on_demand and not flags & XenMmapFlags.GRANT:
+            raise _fail("only a xen grant region may be mapped on demand")
 
 
 _TABLE_HEAD: Final = _struct("II")

@@ -311,8 +311,9 @@ class Listener:
         """
         if self._closed:
             raise DaemonClosedError("the listener is closed")
-        self._sock.settimeout(timeout)
         try:
+            # Inside the try: close() may run in another thread right now.
+            self._sock.settimeout(timeout)
             sock, _ = self._sock.accept()
         except OSError as exc:
             if self._closed:

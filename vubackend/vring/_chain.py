@@ -178,19 +178,26 @@ class DescriptorChain:
 
         Returns:
             One view per piece, in order. Do not write through them.
+
+        With postcopy memory (regions with native copies) prefer
+        :meth:`read`: touching a view holds the GIL, and a page that has not
+        arrived yet would block every thread until it does.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(0, self._nread)]
+        return [r.window[o : o + n] for r, o, n in self._pieces(0, self._nread)]
 
     def writable_buffers(self) -> list[memoryview]:
         """The device-writable buffers as memoryviews of guest memory.
 
         Writes through these views are not logged; call :meth:`mark_written`
-        afterwards (or use :meth:`write`).
+        afterwards (or use :meth:`write`). With postcopy memory prefer
+        :meth:`write` (see :meth:`readable_buffers`).
 
         Returns:
             One view per piece, in order.
         """
-        return [r.view[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)]
+        return [
+            r.window[o : o + n] for r, o, n in self._pieces(self._nread, self._nsegs)
+        ]
 
     # ------------------------------------------------------------ reading
 

@@ -281,7 +281,7 @@ class PackedRing:
         """
         self._check_usable()
         space = self._bind(mem)
-        if self._native:
+        if self._native and space.native_walks:
             chains, fault = self._pop_native(space, max_chains)
         else:
             chains, fault = self._pop_python(space, max_chains)
@@ -546,6 +546,13 @@ class PackedRing:
         self._set_device_flags(RING_EVENT_FLAGS_ENABLE)
         # ORDERING: §5.4 rule 6: full fence between re-enabling and re-checking.
         fence_seq_cst()
+        return self._available()
+
+    def available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available at the next slot
+        (one acquire load of its flags; no fence, no re-arm)."""
+        self._check_usable()
+        self._bind(mem)
         return self._available()
 
     def _available(self) -> bool:

@@ -31,10 +31,14 @@
 #   counter from the record (next avail = used + the pending chains'
 #   slots, as DPDK) and rebuilds the pending chains from the recorded
 #   descriptors on the next pops; malformed ones are dropped.
+# - Regions with native_copies (the postcopy backend) force the native
+#   walker: a Python walk reads guest memory with the GIL held, and a fault
+#   there would stall every thread of the process.
 # - Not thread-safe: VringMutex / VringRwLock serialise access.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Final, cast, final
 
@@ -104,6 +108,8 @@ class Queue:
                 size until ``set_size``.
             native: pop and push batches in the native helper (True) or in
                 the Python reference code (False; slower, same behaviour).
+                Memory mapped with native copies (postcopy) always uses the
+                native helper.
 
         Raises:
             RingStateError: ``max_size`` is out of range.
@@ -406,6 +412,9 @@ class Queue:
             raise RingStateError("queue addresses are not set")
         desc, avail, used = self._addresses
         packed = self._features.packed
+        # Memory that may block on a fault (postcopy) is walked only by the
+        # native helper, which runs without the GIL.
+        native = self._native or any(r.native_copies for r in mem.regions)
         walker = self._walker
         if walker is None or walker.packed != packed or walker.qsize != self._size:
             walker = RingWalker(self._size, packed=packed, max_chains=DEFAULT_BATCH)
@@ -422,7 +431,7 @@ class Queue:
                 avail_wrap=self._avail_wrap,
                 next_used=self._next_used,
                 used_wrap=self._used_wrap,
-                native=self._native,
+                native=native,
             )
         else:
             next_used = self._next_used
@@ -437,7 +446,7 @@ class Queue:
                 walker=walker,
                 next_avail=self._next_avail,
                 next_used=next_used,
-                native=self._native,
+                native=native,
             )
         self._apply_log(engine)
         self._engine = engine
@@ -690,6 +699,28 @@ class Queue:
             RingStateError: the queue is not ready or is broken.
         """
         return self._ring(mem).enable_notification(mem)
+
+    def poll_available(self, mem: GuestMemory, timeout: float) -> bool:
+        """Busy-poll for up to ``timeout`` seconds until the driver makes a
+        chain available (the optional busy-poll window of a device that
+        would otherwise go back to sleep on the kick eventfd).
+
+        Each check is one native acquire load, which also lets other threads
+        of the process run between checks.
+
+        Returns:
+            True as soon as a chain is available; False after ``timeout``.
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        engine = self._ring(mem)
+        deadline = time.monotonic() + timeout
+        while True:
+            if engine.available(mem):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def disable_notification(self, mem: GuestMemory) -> None:
         """Ask the driver not to kick.

@@ -124,7 +124,8 @@ class RwLock:
             if self._readers <= 0:
                 raise RuntimeError("release_read of a lock not held for reading")
             self._readers -= 1
-            if self._readers == 0:
+            # Waking nobody is not free (Condition.notify_all); skip it.
+            if self._readers == 0 and self._waiting_writers:
                 self._cond.notify_all()
 
     def acquire_write(self) -> None:
@@ -154,7 +155,8 @@ class RwLock:
             self._generation += 1
             # Every reader waiting now goes before the next writer.
             self._turn = self._waiting_readers
-            self._cond.notify_all()
+            if self._waiting_readers or self._waiting_writers:
+                self._cond.notify_all()
 
     def __repr__(self) -> str:
         return (

@@ -15,6 +15,9 @@
 # - Ring parts (descriptor table, rings, event areas) must lie inside one
 #   region and be naturally aligned in host memory (atomic accesses);
 #   otherwise RingStateError names the part. Buffers may span regions.
+# - Ring parts must not lie in a region mapped on demand (Xen grants with
+#   NO_ADVANCE_MAP): it has no fixed mapping for atomics. Buffers may; chains
+#   of a snapshot with such a region are walked in Python (native_walks).
 
 from __future__ import annotations
 
@@ -46,13 +49,16 @@ class RingPart:
 class MemorySpace:
     """Lookup tables of one guest memory snapshot for the ring code."""
 
-    __slots__ = ("_table", "memory", "regions", "sizes", "starts")
+    __slots__ = ("_table", "memory", "native_walks", "regions", "sizes", "starts")
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.regions: tuple[MappedRegion, ...] = memory.regions
         self.starts: list[int] = [r.gpa for r in self.regions]
         self.sizes: list[int] = [r.size for r in self.regions]
+        # The C walker reads indirect tables through the pinned views, which
+        # an on-demand region does not have: such snapshots walk in Python.
+        self.native_walks = not any(r.on_demand for r in self.regions)
         self._table: RegionTable | None = None
 
     def table(self) -> RegionTable:
@@ -79,8 +85,13 @@ class MemorySpace:
         try:
             region, offset = self.memory.locate(GuestAddress(gpa), length)
         except UnmappedAddressError as exc:
+            # Atomic ring accesses need a fixed mapping: a region mapped on
+            # demand has none (vm-memory maps vrings in advance too).
+            found = self.memory.find_region(GuestAddress(gpa))
+            why = " (it is mapped on demand)" if found and found.on_demand else ""
             raise RingStateError(
-                f"{what} [{gpa:#x}, +{length:#x}) is not inside one guest memory region"
+                f"{what} [{gpa:#x}, +{length:#x}) is not inside one guest memory "
+                f"region{why}"
             ) from exc
         part = RingPart(region, offset, gpa)
         # Natural alignment of the host address: the native view refuses an

@@ -271,7 +271,7 @@ class SplitRing:
         self._check_usable()
         space = self._bind(mem)
         event = self._event_idx and self._notify
-        if self._native:
+        if self._native and space.native_walks:
             chains, fault, broken_at = self._pop_native(space, max_chains, event)
         else:
             chains, fault, broken_at = self._pop_python(space, max_chains, event)
@@ -542,6 +542,15 @@ class SplitRing:
             self._log_used(0, 2)
         # ORDERING: §5.4 rule 6: full fence between re-enabling and re-checking.
         fence_seq_cst()
+        # ORDERING: acquire load of avail.idx (§5.4 rule 1).
+        idx = self._apart.atomic.load_u16(self._apart.offset + 2)
+        return idx != self._next_avail
+
+    def available(self, mem: GuestMemory) -> bool:
+        """Whether the driver has made a chain available that was not popped
+        yet (one acquire load of ``avail.idx``; no fence, no re-arm)."""
+        self._check_usable()
+        self._bind(mem)
         # ORDERING: acquire load of avail.idx (§5.4 rule 1).
         idx = self._apart.atomic.load_u16(self._apart.offset + 2)
         return idx != self._next_avail

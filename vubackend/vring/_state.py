@@ -48,9 +48,24 @@ class VringState:
 
     Device code normally reaches it through :class:`VringMutex` or
     :class:`VringRwLock`, which expose the same methods under a lock.
+
+    Attributes:
+        kicks: kicks consumed by :meth:`read_kick` so far (for reports).
+        calls: signals written by :meth:`signal_used_queue` so far.
     """
 
-    __slots__ = ("_call", "_enabled", "_err", "_kick", "_log_on", "_mem", "_queue")
+    __slots__ = (
+        "_call",
+        "_enabled",
+        "_err",
+        "_kick",
+        "_kick_poll",
+        "_log_on",
+        "_mem",
+        "_queue",
+        "calls",
+        "kicks",
+    )
 
     def __init__(
         self, mem: GuestMemoryAtomic, max_queue_size: int, *, native: bool = True
@@ -69,6 +84,12 @@ class VringState:
         self._mem = mem
         self._queue = Queue(max_queue_size, native=native)
         self._kick: int | None = None
+        # Counters for reports (see the class docstring).
+        self.kicks = 0
+        self.calls = 0
+        # A poll object for the kick fd, made once per fd: read_kick runs on
+        # every event of the data path.
+        self._kick_poll: select.poll | None = None
         self._call: int | None = None
         self._err: int | None = None
         self._enabled = False
@@ -184,6 +205,16 @@ class VringState:
         with self._mem.memory() as mem:
             return self._queue.enable_notification(mem)
 
+    def poll_available(self, timeout: float) -> bool:
+        """Busy-poll up to ``timeout`` seconds for a newly available chain
+        (see :meth:`Queue.poll_available`); True if one came.
+
+        Raises:
+            RingStateError: the queue is not ready or is broken.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.poll_available(mem, timeout)
+
     def disable_notification(self) -> None:
         """Ask the driver not to kick (while we poll).
 
@@ -218,6 +249,7 @@ class VringState:
         fd = self._call
         if fd is None:
             return
+        self.calls += 1
         try:
             os.write(fd, _ONE)
         except BlockingIOError:
@@ -405,6 +437,7 @@ class VringState:
         for fd in (self._kick, self._call, self._err):
             _close(fd)
         self._kick = self._call = self._err = None
+        self._kick_poll = None
 
     # ------------------------------------------------------------ eventfds
 
@@ -440,6 +473,7 @@ class VringState:
         """
         old, self._kick = self._kick, fd
         if old != fd:
+            self._kick_poll = None
             _close(old)
 
     def set_call(self, fd: int | None) -> None:
@@ -477,10 +511,13 @@ class VringState:
             try:
                 # Never block: the worker calls this after epoll, but a
                 # spurious wakeup or a reader elsewhere may have emptied it.
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
+                poller = self._kick_poll
+                if poller is None:
+                    poller = self._kick_poll = select.poll()
+                    poller.register(fd, select.POLLIN)
                 if poller.poll(0):
                     os.read(fd, 8)
+                    self.kicks += 1
             except BlockingIOError:
                 pass
             except OSError as exc:

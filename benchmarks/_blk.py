@@ -1,0 +1,185 @@
+"""blk scenarios of ``python -m benchmarks``: ``vubackend blk`` against
+qemu-storage-daemon on the same raw image.
+
+* guest: a QEMU guest (software emulation) doing 4 KiB O_DIRECT reads and
+  writes at queue depth 1 and 32 (tests/guest/rootfs/tests/blkbench.sh);
+  IOPS from the guest's own clock.
+* frontend: our Python frontend driving each backend directly, 4 KiB reads
+  at queue depth 1 and 32 and 64 KiB writes at depth 8.
+
+The backend runs on CPU 0, QEMU or the frontend on CPU 1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks._harness import Metrics, Scenario
+from tests.guest.rig import (
+    blk_device,
+    guest_image,
+    run_guest,
+    vubackend,
+)
+from vubackend.frontend import BlkDriver, BlkRequestType, Frontend
+from vubackend.protocol import VirtioFeatures
+
+BACKEND_CPU = ["taskset", "-c", "0"]
+CLIENT_CPU = 1
+IMAGE_MIB = 256
+
+
+def _image(workdir: Path) -> Path:
+    image = workdir / "bench.img"
+    if not image.exists():
+        with image.open("wb") as f:
+            f.truncate(IMAGE_MIB << 20)
+    return image
+
+
+@contextlib.contextmanager
+def _ours(workdir: Path, image: Path, busy_poll_us: float = 0) -> Iterator[Path]:
+    sock = workdir / "ours.sock"
+    args = ["blk", "--socket", str(sock), "--image", str(image)]
+    args += ["--busy-poll-us", str(busy_poll_us)]
+    with vubackend(args, sock, workdir / "ours.log", wrapper=BACKEND_CPU) as backend:
+        yield sock
+        backend.stop()
+
+
+@contextlib.contextmanager
+def _storage_daemon(workdir: Path, image: Path) -> Iterator[Path]:
+    sock = workdir / "qsd.sock"
+    with (workdir / "qsd.log").open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *BACKEND_CPU,
+                "qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=disk0,filename={image}",
+                "--export",
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues=1",
+            ],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.is_socket():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((workdir / "qsd.log").read_text())
+            time.sleep(0.02)
+        yield sock
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def guest_scenario(
+    workdir: Path, *, ios: int = 4096, qd: int = 32, busy_poll_us: float = 0
+) -> Scenario:
+    image = _image(workdir)
+    guest = guest_image()
+
+    def measure(sock: Path) -> Metrics:
+        run = run_guest(
+            guest,
+            "blkbench",
+            blk_device(sock),
+            params={"ios": ios, "qd": qd},
+            log=workdir / "bench.serial",
+            wrapper=["taskset", "-c", str(CLIENT_CPU)],
+        )
+        metrics: Metrics = {}
+        for phase in ("read_qd1", "write_qd1", f"read_qd{qd}", f"write_qd{qd}"):
+            count, start, end = run.results[phase].split()
+            metrics[phase] = int(count) / max(float(end) - float(start), 0.01)
+        return metrics
+
+    def ours() -> Metrics:
+        with _ours(workdir, image, busy_poll_us) as sock:
+            return measure(sock)
+
+    def reference() -> Metrics:
+        with _storage_daemon(workdir, image) as sock:
+            return measure(sock)
+
+    phases = ["read_qd1", "write_qd1", f"read_qd{qd}", f"write_qd{qd}"]
+    polling = f", busy-poll {busy_poll_us:.0f} us" if busy_poll_us else ""
+    return Scenario(
+        f"blk guest 4k O_DIRECT{polling}",
+        ours,
+        reference,
+        phases,
+        "qemu-storage-daemon",
+        {p: " IOPS" for p in phases},
+    )
+
+
+def _drive(sock: Path, seconds: float) -> Metrics:
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        with Frontend.connect(sock, retry_for=5.0, timeout=10.0) as fe:
+            # FLUSH (bit 9) as Linux negotiates it: write-back caching.
+            fe.handshake(
+                int(VirtioFeatures.VERSION_1 | VirtioFeatures.EVENT_IDX) | 1 << 9
+            )
+            fe.create_memory([16 << 20])
+            blk = BlkDriver(fe, fe.setup_queue(0, 128))
+            fe.start_device()
+            return {
+                "read4k_qd1": _rate(blk, BlkRequestType.IN, 4096, 1, seconds),
+                "read4k_qd32": _rate(blk, BlkRequestType.IN, 4096, 32, seconds),
+                "write64k_qd8": _rate(blk, BlkRequestType.OUT, 65536, 8, seconds),
+            }
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def _rate(
+    blk: BlkDriver, kind: BlkRequestType, size: int, depth: int, seconds: float
+) -> float:
+    data = os.urandom(size) if kind == BlkRequestType.OUT else b""
+    stripe = (IMAGE_MIB << 20) // 512 // depth
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = [
+            blk.submit(
+                kind,
+                i * stripe + (done % 1024) * (size // 512),
+                data=data,
+                read_len=size if not data else 0,
+                kick=i == depth - 1,
+            )
+            for i in range(depth)
+        ]
+        blk.wait(batch, timeout=10.0)
+        done += depth
+    return done / (time.perf_counter() - start)
+
+
+def frontend_scenario(workdir: Path, *, seconds: float = 1.0) -> Scenario:
+    image = _image(workdir)
+
+    def ours() -> Metrics:
+        with _ours(workdir, image) as sock:
+            return _drive(sock, seconds)
+
+    def reference() -> Metrics:
+        with _storage_daemon(workdir, image) as sock:
+            return _drive(sock, seconds)
+
+    metrics = ["read4k_qd1", "read4k_qd32", "write64k_qd8"]
+    return Scenario(
+        "blk python frontend",
+        ours,
+        reference,
+        metrics,
+        "qemu-storage-daemon",
+        {m: " req/s" for m in metrics},
+    )
