@@ -3,6 +3,7 @@ status, what it prints."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_loopback_serves_then_reports_on_sigterm(tmp_path: Path) -> None:
     assert "serving virtio-net over a loopback" in output
     assert "net served: tx 5 frames (335 bytes), rx 5 frames (335 bytes)" in output
     assert "net pair 0: tx 5 frames, rx 5 frames" in output
+    kicks = {int(r): int(k) for r, k in re.findall(r"ring (\d+): (\d+) kicks", output)}
+    assert set(kicks) == {0, 1}
+    assert kicks[1] >= 1, "the frames were sent with at least one TX kick"
     assert "Traceback" not in output
     assert not sock.exists()
 

@@ -136,8 +136,10 @@ class _Pair:
     """One queue pair, as its worker sees it."""
 
     __slots__ = (
+        "calls",
         "errors",
         "index",
+        "kicks",
         "pending",
         "pending_rx",
         "rx",
@@ -179,6 +181,9 @@ class _Pair:
         self.tx_frames = self.tx_bytes = 0
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.errors = 0
+        # Per ring of the pair (RX, TX): kicks served, calls signalled.
+        self.kicks = [0, 0]
+        self.calls = [0, 0]
 
     def forget(self, *, rx: bool = True, tx: bool = True) -> None:
         # Chains of a ring that restarted or broke: never handed back. A
@@ -308,6 +313,11 @@ class NetDevice(VhostUserBackend):
             control_commands=self._control_ok if whole else 0,
         )
 
+    def ring_counters(self) -> list[tuple[int, int]]:
+        """(kicks served, calls signalled) of each data ring, by queue
+        index (RX rings even, TX rings odd)."""
+        return [(p.kicks[r], p.calls[r]) for p in self._pairs for r in range(2)]
+
     def attach(self, daemon: VhostUserDaemon) -> None:
         """Register the device's fds (a wake-up eventfd per pair, the
         link's fds) on the workers of ``daemon``, which must serve this
@@ -436,6 +446,8 @@ class NetDevice(VhostUserBackend):
             if device_event == 0:
                 self._control(vrings[0])
             return
+        if device_event < 2:
+            pair.kicks[device_event] += 1
         if pair.rx is None:
             pair.rx, pair.tx = vrings[0], vrings[1]
         if thread_id < self._usable:
@@ -668,11 +680,13 @@ class NetDevice(VhostUserBackend):
         if p.tx_used:
             tx.add_used_many(p.tx_used)
             p.tx_used = []
-            tx.signal_if_needed()
+            if tx.signal_if_needed():
+                p.calls[1] += 1
         if p.rx_used:
             rx.add_used_many(p.rx_used)
             p.rx_used = []
-            rx.signal_if_needed()
+            if rx.signal_if_needed():
+                p.calls[0] += 1
 
     # ------------------------------------------------------------ config, control
 
