@@ -27,6 +27,7 @@ from vubackend.frontend import (
     BlkStatus,
     Frontend,
 )
+from vubackend.memory import GuestMemoryAtomic, select_backend
 from vubackend.protocol import VirtioFeatures
 
 SECTOR = 512
@@ -62,6 +63,7 @@ def served_blk(
     packed: bool = False,
     features: int = BlkFeatures.FLUSH,
     queue: int = 0,
+    postcopy_memory: bool = False,
     **options: object,
 ) -> Iterator[Served]:
     """A BlkDevice over a fresh image, its daemon, and a started frontend
@@ -69,7 +71,12 @@ def served_blk(
     before = open_fds()
     image = make_image(tmp_path / "disk.img", size)
     device = BlkDevice(image, **options)  # type: ignore[arg-type]
-    daemon = VhostUserDaemon("blk", device)
+    memory = None
+    if postcopy_memory:
+        # Regions with GIL-free native copies only (the device must not
+        # touch guest memory through memoryviews).
+        memory = GuestMemoryAtomic(backend=select_backend(postcopy=True))
+    daemon = VhostUserDaemon("blk", device, memory)
     path = tmp_path / "blk.sock"
     server = threading.Thread(target=daemon.serve, args=(path,), daemon=True)
     server.start()
@@ -362,3 +369,16 @@ def test_header_split_across_buffers_is_read_whole(tmp_path: Path) -> None:
         assert s.blk.read(0, 2) == b"d" * 2 * SECTOR, "the ones before are kept"
         for gpa, size in ((head, 16), (segment, 16), (status, 1)):
             ram.free(gpa, size)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
+def test_postcopy_memory_goes_through_native_copies(
+    tmp_path: Path, direct: bool
+) -> None:
+    data = os.urandom(16 * SECTOR)
+    with served_blk(tmp_path, postcopy_memory=True, direct=direct) as s:
+        assert not s.device._views  # what update_memory decided
+        s.blk.write(5, data)
+        assert s.blk.read(5, 16) == data
+        s.blk.flush()
+        assert s.on_disk(5, len(data)) == data

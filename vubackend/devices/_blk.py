@@ -33,6 +33,7 @@ from typing import Final, final
 
 from vubackend.daemon import VhostUserBackend
 from vubackend.errors import DeviceError
+from vubackend.memory import GuestMemoryAtomic
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
 from vubackend.vring import DescriptorChain, VringT
 
@@ -272,6 +273,10 @@ class BlkDevice(VhostUserBackend):
         self.discard = discard and not read_only
         self._writeback = True
         self._flush_negotiated = False
+        # Whether guest memory may be touched through memoryviews (which
+        # hold the GIL); not with postcopy memory, where a missing page
+        # would stall every thread (see update_memory).
+        self._views = True
         self._local = threading.local()
 
     # ------------------------------------------------------------ lifetime
@@ -328,6 +333,9 @@ class BlkDevice(VhostUserBackend):
 
     def reset_device(self) -> None:
         self._writeback = True
+
+    def update_memory(self, memory: GuestMemoryAtomic) -> None:
+        self._views = not memory.backend.needs_native_copies
 
     def config(self) -> bytes:
         """The 60-byte ``struct virtio_blk_config``."""
@@ -401,7 +409,7 @@ class BlkDevice(VhostUserBackend):
             log.warning("request %d has no status byte; dropped", chain.head)
             return 0
         readable = chain.readable_buffers()
-        if readable and len(readable[0]) >= HEADER.size:
+        if self._views and readable and len(readable[0]) >= HEADER.size:
             # The usual layout: the header alone in the first buffer.
             kind, _ioprio, sector = HEADER.unpack_from(readable[0])
         else:
@@ -438,12 +446,16 @@ class BlkDevice(VhostUserBackend):
         chain.write(bytes((status,)))
         return chain.bytes_written
 
-    @staticmethod
-    def _ok(chain: DescriptorChain, writable: list[memoryview]) -> int:
+    def _ok(self, chain: DescriptorChain, writable: list[memoryview]) -> int:
+        length = chain.writable_len
+        if not self._views:
+            # Postcopy memory: the status goes in through a GIL-free copy.
+            chain.mark_written(length - 1)
+            chain.write(bytes((S_OK,)))
+            return length
         # The fast completion: the status byte set in place, the whole
         # writable part marked written (data and status) at once.
         writable[-1][-1] = S_OK
-        length = chain.writable_len
         chain.mark_written(length)
         return length
 
@@ -470,7 +482,10 @@ class BlkDevice(VhostUserBackend):
         if self.direct:
             bounce = memoryview(self._bounce(length))[:length]
             self._full_preadv([bounce], offset)
-            _scatter_into(_trim(writable, length), bounce)
+            if self._views:
+                _scatter_into(_trim(writable, length), bounce)
+            else:
+                chain.write(bounce)
         else:
             self._full_preadv(_trim(writable, length), offset)
         stats = self.stats
@@ -489,7 +504,11 @@ class BlkDevice(VhostUserBackend):
         views = _skip(readable, HEADER.size)
         if self.direct:
             bounce = memoryview(self._bounce(length))[:length]
-            _gather_from(views, bounce)
+            if self._views:
+                _gather_from(views, bounce)
+            else:
+                chain.read(HEADER.size - chain.bytes_read)
+                chain.readinto(bounce)
             views = [bounce]
         self._full_pwritev(views, offset)
         if self.write_through:
