@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def _frontend(case: NetCase, sock: Path, workdir: Path, backend_pid: int) -> Met
         if process.poll() is None:
             process.kill()
             process.wait()
+        shutil.rmtree(Path("/var/run/dpdk") / f"vub{os.getpid()}", ignore_errors=True)
     rates = [int(v) for k, v in _PPS.findall(log.read_text()) if k == case.measured]
     if len(rates) < 2:
         raise RuntimeError(f"no second rate from testpmd:\n{log.read_text()[-3000:]}")
@@ -168,6 +170,7 @@ def _reference(case: NetCase, workdir: Path) -> Metrics:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        shutil.rmtree(Path("/var/run/dpdk") / f"vhb{os.getpid()}", ignore_errors=True)
 
 
 CASES = [
