@@ -278,7 +278,11 @@ def run_net(args: argparse.Namespace, stop: threading.Event) -> int:
         else:
             link, what = LoopbackLink(), "a loopback (frames come back to the guest)"
         device = NetDevice(
-            link, queue_pairs=args.queues, mac=args.mac, max_queue_size=args.queue_size
+            link,
+            queue_pairs=args.queues,
+            mac=args.mac,
+            max_queue_size=args.queue_size,
+            busy_poll=args.busy_poll_us / 1e6,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -465,6 +469,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _busy_poll(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="poll a ring this long for more work before sleeping on its "
+        "kick (default 0: off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vubackend", description="vhost-user device backends in Python"
@@ -511,14 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not offer discard and write zeroes",
     )
-    blk.add_argument(
-        "--busy-poll-us",
-        type=float,
-        default=0.0,
-        metavar="US",
-        help="poll a ring this long for the next request before sleeping "
-        "(default 0: off)",
-    )
+    _busy_poll(blk)
     _common(blk)
 
     net = sub.add_parser(
@@ -556,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest ring (default 1024)",
     )
+    _busy_poll(net)
     _common(net)
 
     rng = sub.add_parser("rng", help="serve virtio-rng from the kernel's random source")

@@ -599,3 +599,8 @@ def test_multi_queue_tap_link(tmp_path: Path, netns: str) -> None:
                         seqs.add(int.from_bytes(frame[40:42], "big"))
     assert seqs == set(range(20))
     assert [device.stats(k).tx_frames > 0 for k in range(2)] == [True, True]
+
+
+def test_busy_poll_window_is_checked() -> None:
+    with pytest.raises(ValueError, match="busy-poll window"):
+        NetDevice(LoopbackLink(), busy_poll=2.0)

@@ -196,3 +196,20 @@ def test_sink_counts_what_txonly_sends_and_feeds_rxonly(tmp_path: Path) -> None:
     # Generated frames may still sit in the RX ring when testpmd stops.
     assert ours.rx_frames >= stats.rx_packets
     assert (stats.rx_errors, stats.rx_missed, ours.errors) == (0, 0, 0)
+
+
+def test_busy_poll_window_loses_nothing(tmp_path: Path) -> None:
+    # The optional busy-poll window (kicks stay off while frames keep
+    # coming): the same lossless loop.
+    require("dpdk-testpmd", "dpdk-dev")
+    sock = tmp_path / "net.sock"
+    args = ["net", "--loopback", "--socket", str(sock), "--busy-poll-us", "200"]
+    with vubackend(args, sock, tmp_path / "net.log") as net:
+        with virtio_user(tmp_path, sock, queues=1) as vu:
+            vu.wait_prompt(1)
+            stats = loop_and_drain(vu)
+            vu.quit()
+        assert net.stop() == 0, net.output()
+    check_lossless(stats, 1)
+    ours = served_counts(net.output())
+    assert (ours.tx_frames, ours.rx_frames) == (stats.tx_packets, stats.rx_packets)

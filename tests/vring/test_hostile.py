@@ -11,7 +11,9 @@ of every chain it gets and returns the chains. Checked, on both paths:
   chains' writable buffers (which hold exactly what was written) and the
   ring areas the device owns (used ring / used descriptors / event areas);
 * the native batch walker and the Python reference give the same chains,
-  the same errors and the same bytes in memory.
+  the same errors and the same bytes in memory, and so does the batch API
+  (pop_batches: ids and lengths read per batch, completion with
+  add_used_heads).
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ def drive(
     packed: bool,
     native: bool,
     rings: tuple[int, int, int],
+    batches: bool = False,
 ) -> tuple[Outcome, list[tuple[int, int]]]:
     """Pop until dry; returns what happened and the writable ranges written."""
     state = VringState(atomic, 64, native=native)
@@ -251,7 +254,17 @@ def drive(
     try:
         for _ in range(2 * case.size + 4):
             try:
-                chains = state.pop_chains(case.batch)
+                if batches:
+                    popped = state.pop_batches(case.batch)
+                    chains = [c for b in popped for c in b.chains()]
+                    heads = [h for b in popped for h in b.heads]
+                    assert heads == [c.head for c in chains]
+                    rlens = [n for b in popped for n in b.readable_lens]
+                    assert rlens == [c.readable_len for c in chains]
+                    wlens = [n for b in popped for n in b.writable_lens]
+                    assert wlens == [c.writable_len for c in chains]
+                else:
+                    chains = state.pop_chains(case.batch)
             except DescriptorChainError as exc:
                 outcome.append(("chain error", str(exc)))
                 continue
@@ -274,7 +287,17 @@ def drive(
                     ("chain", c.head, c.ring_slots, c.descriptor_count, tuple(segs))
                 )
                 used.append((c.head, n))
-            state.add_used_many(used)
+            if batches:
+                # add_used_heads per run of equal used lengths, in order.
+                k = 0
+                while k < len(used):
+                    j = k
+                    while j < len(used) and used[j][1] == used[k][1]:
+                        j += 1
+                    state.add_used_heads([h for h, _ in used[k:j]], used[k][1])
+                    k = j
+            else:
+                state.add_used_many(used)
         outcome.append(("base", state.vring_base()))
     finally:
         state.close()
@@ -312,10 +335,10 @@ def mask(data: bytes | bytearray, areas: list[tuple[int, int]]) -> bytes:
 def check(memory: tuple[int, GuestMemoryAtomic], case: Case, packed: bool) -> None:
     fd, atomic = memory
     results = []
-    for native in (True, False):
+    for native, batches in ((True, False), (False, False), (True, True)):
         rings = setup_packed(fd, case) if packed else setup_split(fd, case)
         before = image(fd)
-        outcome, written = drive(atomic, case, packed, native, rings)
+        outcome, written = drive(atomic, case, packed, native, rings, batches)
         after = image(fd)
         areas = owned(packed, case, rings)
         # Writable buffers may alias the rings: apply them over the image,
@@ -323,6 +346,7 @@ def check(memory: tuple[int, GuestMemoryAtomic], case: Case, packed: bool) -> No
         assert mask(after, areas) == mask(expected_image(before, written), areas)
         results.append((outcome, after))
     assert results[0] == results[1]
+    assert results[0] == results[2]
     for item in results[0][0]:
         # Statistics (--hypothesis-show-statistics): what the rings did.
         what = (

@@ -357,8 +357,8 @@ class PopResult(NamedTuple):
     """
 
     stop: RingStop
-    chains: list[int]
-    segments: list[int]
+    chains: array[int]
+    segments: array[int]
     next_avail: int
     avail_wrap: int
     avail_idx: int
@@ -492,10 +492,16 @@ class RingWalker:
         st = self._state_words
         count = st[_S_COUNT]
         nsegs = st[_S_SEGS]
+        # Copies as arrays: one memcpy each, instead of an int object per
+        # word (tolist), which cost more than the C walk itself.
+        chains = array("I")
+        chains.frombytes(self._chain_words[: count * CHAIN_WORDS].cast("B"))
+        segments = array("Q")
+        segments.frombytes(self._seg_words[: 2 * nsegs].cast("B"))
         return PopResult(
             _STOPS[stop],
-            self._chain_words[: count * CHAIN_WORDS].tolist(),
-            self._seg_words[: 2 * nsegs].tolist(),
+            chains,
+            segments,
             st[_S_NEXT_AVAIL],
             st[_S_AVAIL_WRAP],
             st[_S_AVAIL_IDX],

@@ -10,6 +10,9 @@
   negotiated.
 * :class:`DescriptorChain`: a popped request: readable and writable buffers
   (possibly spanning memory regions), read/write helpers that log writes.
+  :class:`ChainBatch`: chains popped together without an object per chain
+  (``pop_batches``: ids and lengths per batch; ``add_used_heads`` completes
+  them), for data paths that run per batch.
 * :class:`SplitDriverRing`, :class:`PackedDriverRing`: the driver side, for
   tests and for the frontend.
 * :func:`need_event`: the event-index test; :class:`RwLock`: the lock.
@@ -17,7 +20,7 @@
   (INFLIGHT_SHMFD), and resubmits from after a reconnect.
 """
 
-from vubackend.vring._chain import ChainSegment, DescriptorChain
+from vubackend.vring._chain import ChainBatch, ChainSegment, DescriptorChain
 from vubackend.vring._defs import (
     DESC_SIZE,
     MAX_CHAIN_SEGMENTS,
@@ -39,6 +42,7 @@ __all__ = [
     "MAX_CHAIN_SEGMENTS",
     "MAX_INDIRECT_DESCRIPTORS",
     "MAX_QUEUE_SIZE",
+    "ChainBatch",
     "ChainSegment",
     "DescriptorChain",
     "InflightTracker",

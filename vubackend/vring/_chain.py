@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Final, NamedTuple, final
 
@@ -55,16 +56,51 @@ class ChainSegment(NamedTuple):
 
 @final
 class ChainBatch:
-    """The records of chains popped together (internal layout, shared)."""
+    """Chains popped together, without an object per chain: the batch API
+    (``pop_batches``) hands these to devices that only need the chains'
+    ids and lengths (a sink, a counter), and :meth:`chains` gives the
+    :class:`DescriptorChain` objects when the data is needed. The records
+    are the C layout (8 words per chain), shared by the chains."""
 
     __slots__ = ("regions", "segs", "words")
 
     def __init__(
-        self, words: list[int], segs: list[int], regions: tuple[MappedRegion, ...]
+        self,
+        words: MutableSequence[int],
+        segs: MutableSequence[int],
+        regions: tuple[MappedRegion, ...],
     ) -> None:
+        # Lists from the Python walks, arrays (u32 / u64) from the C walks.
         self.words = words
         self.segs = segs
         self.regions = regions
+
+    def __len__(self) -> int:
+        return len(self.words) // 8
+
+    @property
+    def heads(self) -> list[int]:
+        """The id of each chain, in order (what ``add_used`` takes)."""
+        return list(self.words[0::8])
+
+    @property
+    def readable_lens(self) -> list[int]:
+        """Bytes of each chain's device-readable buffers."""
+        return list(self.words[5::8])
+
+    @property
+    def writable_lens(self) -> list[int]:
+        """Bytes of each chain's device-writable buffers."""
+        return list(self.words[6::8])
+
+    @classmethod
+    def of(cls, chain: DescriptorChain) -> ChainBatch:
+        """A batch of one chain (a copy of its record and segments)."""
+        batch, at = chain._batch, chain._at
+        record = batch.words[at : at + 8]
+        base, nsegs = record[2], record[3]
+        record[2] = 0
+        return cls(record, batch.segs[2 * base : 2 * (base + nsegs)], batch.regions)
 
     def chains(self) -> list[DescriptorChain]:
         """One chain per record, in order."""

@@ -268,10 +268,18 @@ class PackedRing:
     # ------------------------------------------------------------ popping
 
     def pop(self, mem: GuestMemory, max_chains: int) -> list[DescriptorChain]:
+        """Pop up to ``max_chains`` available chains (see :meth:`pop_batches`,
+        which this flattens)."""
+        batches = self.pop_batches(mem, max_chains)
+        if len(batches) == 1:
+            return batches[0].chains()
+        return [chain for batch in batches for chain in batch.chains()]
+
+    def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
         """Pop up to ``max_chains`` available chains.
 
         Returns:
-            The chains, possibly none. If a malformed chain follows good
+            The chains in batches, possibly none. If a malformed chain follows good
             ones, the good ones are returned and the next call raises.
 
         Raises:
@@ -282,23 +290,24 @@ class PackedRing:
         self._check_usable()
         space = self._bind(mem)
         if self._native and space.native_walks:
-            chains, fault = self._pop_native(space, max_chains)
+            batches, fault = self._pop_native(space, max_chains)
         else:
-            chains, fault = self._pop_python(space, max_chains)
-        if fault is not None and not chains:
+            batches, fault = self._pop_python(space, max_chains)
+        if fault is not None and not batches:
             code, detail, slot = fault
             self._broken = f"malformed chain at slot {slot}"
             raise DescriptorChainError(
                 f"descriptor chain at slot {slot}: {fault_message(code, detail)}; "
                 f"the packed ring cannot continue past it"
             )
-        return chains
+        return batches
 
     def _pop_native(
         self, space: MemorySpace, max_chains: int
-    ) -> tuple[list[DescriptorChain], tuple[RingFault, int, int] | None]:
+    ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None]:
         flags = RING_INDIRECT if self._indirect else 0
-        chains: list[DescriptorChain] = []
+        batches: list[ChainBatch] = []
+        count = 0
         regions = space.regions
         table = space.table()
         while True:
@@ -309,7 +318,7 @@ class PackedRing:
                 self._next_avail,
                 self._avail_wrap,
                 flags=flags,
-                max_chains=max_chains - len(chains),
+                max_chains=max_chains - count,
             )
             self._next_avail = r.next_avail
             self._avail_wrap = r.avail_wrap
@@ -319,18 +328,19 @@ class PackedRing:
                     f"guest memory region, or not aligned in host memory"
                 )
             if r.chains:
-                chains.extend(ChainBatch(r.chains, r.segments, regions).chains())
+                batches.append(ChainBatch(r.chains, r.segments, regions))
+                count += len(r.chains) // 8
             if r.stop is RingStop.FAULT:
-                return chains, (r.fault, r.detail, r.where)
+                return batches, (r.fault, r.detail, r.where)
             if r.stop is RingStop.FULL or (
-                r.stop is RingStop.LIMIT and len(chains) < max_chains
+                r.stop is RingStop.LIMIT and count < max_chains
             ):
                 continue
-            return chains, None
+            return batches, None
 
     def _pop_python(
         self, space: MemorySpace, max_chains: int
-    ) -> tuple[list[DescriptorChain], tuple[RingFault, int, int] | None]:
+    ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None]:
         size = self._size
         dpart = self._dpart
         atomic, view, base = dpart.atomic, dpart.view, dpart.offset
@@ -367,7 +377,8 @@ class PackedRing:
                 slot -= size
                 wrap ^= 1
         self._next_avail, self._avail_wrap = slot, wrap
-        return ChainBatch(words, segs, space.regions).chains(), fault
+        batches = [ChainBatch(words, segs, space.regions)] if words else []
+        return batches, fault
 
     def read_slots(self, start: int, count: int) -> list[PackedDesc]:
         """The ring descriptors (addr, len, id, flags) of ``count`` slots from

@@ -46,7 +46,7 @@ from vubackend._native import RingWalker
 from vubackend.bitmap import Bitmap
 from vubackend.errors import DescriptorChainError, RingStateError, UnmappedAddressError
 from vubackend.memory import GuestAddress, GuestMemory
-from vubackend.vring._chain import DescriptorChain
+from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import (
     DESC_F_AVAIL,
     DESC_F_USED,
@@ -498,6 +498,60 @@ class Queue:
             else:
                 cast("InflightTracker", tracker).begin([c.head for c in popped])
         return chains + popped if chains else popped
+
+    def pop_batches(
+        self, mem: GuestMemory, max_chains: int | None = None
+    ) -> list[ChainBatch]:
+        """Pop the available chains as batches, without an object per chain
+        (see :class:`ChainBatch`): for devices that need only ids and
+        lengths. Same rules and errors as :meth:`pop_chains`.
+
+        Args:
+            mem: the memory snapshot.
+            max_chains: most chains to pop (default: up to the queue size).
+
+        Returns:
+            The batches, possibly none.
+        """
+        limit = self._size if max_chains is None else max_chains
+        if limit <= 0:
+            return []
+        engine = self._ring(mem)
+        tracker = self._tracker
+        if (
+            self._resubmit
+            or self._resubmit_packed
+            or (tracker is not None and isinstance(engine, PackedRing))
+        ):
+            # Rare paths (resubmission after a reconnect, packed inflight
+            # records): through the per-chain pop.
+            return [ChainBatch.of(c) for c in self.pop_chains(mem, max_chains)]
+        batches = engine.pop_batches(mem, limit)
+        if tracker is not None and batches:
+            heads = [head for batch in batches for head in batch.heads]
+            cast("InflightTracker", tracker).begin(heads)
+        return batches
+
+    def add_used_heads(
+        self, mem: GuestMemory, heads: Sequence[int], length: int = 0
+    ) -> None:
+        """Return many chains with the same used length (0 for chains the
+        device only read), published together.
+
+        Args:
+            mem: the memory snapshot.
+            heads: the chains' ids, in completion order.
+            length: the used length of every one.
+
+        Raises:
+            ValueError: an entry is invalid; nothing was written.
+            RingStateError: the queue is not ready.
+        """
+        if not heads:
+            return
+        flat = [length] * (2 * len(heads))
+        flat[0::2] = heads
+        self._push(mem, flat)
 
     def _pop_resubmitted(
         self, mem: GuestMemory, engine: SplitRing | PackedRing, limit: int

@@ -257,10 +257,18 @@ class SplitRing:
     # ------------------------------------------------------------ popping
 
     def pop(self, mem: GuestMemory, max_chains: int) -> list[DescriptorChain]:
+        """Pop up to ``max_chains`` available chains (see :meth:`pop_batches`,
+        which this flattens)."""
+        batches = self.pop_batches(mem, max_chains)
+        if len(batches) == 1:
+            return batches[0].chains()
+        return [chain for batch in batches for chain in batch.chains()]
+
+    def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
         """Pop up to ``max_chains`` available chains.
 
         Returns:
-            The chains, possibly none. If a malformed chain follows good
+            The chains in batches, possibly none. If a malformed chain follows good
             ones, the good ones are returned and the next call raises.
 
         Raises:
@@ -272,17 +280,17 @@ class SplitRing:
         space = self._bind(mem)
         event = self._event_idx and self._notify
         if self._native and space.native_walks:
-            chains, fault, broken_at = self._pop_native(space, max_chains, event)
+            batches, fault, broken_at = self._pop_native(space, max_chains, event)
         else:
-            chains, fault, broken_at = self._pop_python(space, max_chains, event)
+            batches, fault, broken_at = self._pop_python(space, max_chains, event)
         if event:
             self._log_used(RING_HEADER + USED_ELEM * self._size, 2)
         if broken_at is not None:
             err = self._break(broken_at)
-            if not chains:
+            if not batches:
                 raise err
-            return chains
-        if fault is not None and not chains:
+            return batches
+        if fault is not None and not batches:
             code, detail, head = fault
             self._next_avail = (self._next_avail + 1) & 0xFFFF
             if event:
@@ -291,7 +299,7 @@ class SplitRing:
                 f"descriptor chain at head {head} (available entry "
                 f"{(self._next_avail - 1) & 0xFFFF}): {fault_message(code, detail)}"
             )
-        return chains
+        return batches
 
     def _rearm(self) -> None:
         # avail_event after consuming a bad chain, so that the next buffer
@@ -305,11 +313,12 @@ class SplitRing:
 
     def _pop_native(
         self, space: MemorySpace, max_chains: int, event: bool
-    ) -> tuple[list[DescriptorChain], tuple[RingFault, int, int] | None, int | None]:
+    ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None, int | None]:
         flags = (RING_INDIRECT if self._indirect else 0) | (
             RING_AVAIL_EVENT if event else 0
         )
-        chains: list[DescriptorChain] = []
+        batches: list[ChainBatch] = []
+        count = 0
         regions = space.regions
         walker = self._walker
         table = space.table()
@@ -322,7 +331,7 @@ class SplitRing:
                 self._used,
                 self._next_avail,
                 flags=flags,
-                max_chains=max_chains - len(chains),
+                max_chains=max_chains - count,
             )
             self._next_avail = r.next_avail
             if r.stop is RingStop.RING:
@@ -331,20 +340,21 @@ class SplitRing:
                     f"memory region, or not aligned in host memory"
                 )
             if r.chains:
-                chains.extend(ChainBatch(r.chains, r.segments, regions).chains())
+                batches.append(ChainBatch(r.chains, r.segments, regions))
+                count += len(r.chains) // 8
             if r.stop is RingStop.BROKEN:
-                return chains, None, r.detail
+                return batches, None, r.detail
             if r.stop is RingStop.FAULT:
-                return chains, (r.fault, r.detail, r.where), None
+                return batches, (r.fault, r.detail, r.where), None
             if r.stop is RingStop.FULL or (
-                r.stop is RingStop.LIMIT and len(chains) < max_chains
+                r.stop is RingStop.LIMIT and count < max_chains
             ):
                 continue
-            return chains, None, None
+            return batches, None, None
 
     def _pop_python(
         self, space: MemorySpace, max_chains: int, event: bool
-    ) -> tuple[list[DescriptorChain], tuple[RingFault, int, int] | None, int | None]:
+    ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None, int | None]:
         size = self._size
         apart, upart, dpart = self._apart, self._upart, self._dpart
         a_atomic, a_off = apart.atomic, apart.offset
@@ -400,7 +410,8 @@ class SplitRing:
             # ORDERING: release store of avail_event (§5.4 rule 6 re-arm).
             upart.atomic.store_u16(event_off, nxt)
         self._next_avail = nxt
-        return ChainBatch(words, segs, space.regions).chains(), fault, broken_at
+        batches = [ChainBatch(words, segs, space.regions)] if words else []
+        return batches, fault, broken_at
 
     def resubmit(
         self, mem: GuestMemory, heads: Sequence[int]

@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, final
 
 from vubackend.errors import RingStateError
 from vubackend.memory import GuestAddress, GuestMemoryAtomic
-from vubackend.vring._chain import DescriptorChain
+from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._queue import Queue
 from vubackend.vring._tracker import AnyInflightTracker
@@ -150,6 +150,28 @@ class VringState:
         """
         with self._mem.memory() as mem:
             return self._queue.pop_chains(mem, max_chains)
+
+    def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
+        """Pop the available chains as batches, without an object per chain
+        (:meth:`Queue.pop_batches`); complete them with
+        :meth:`add_used_heads`.
+
+        Raises:
+            DescriptorChainError: as :meth:`pop_chains`.
+            RingStateError: as :meth:`pop_chains`.
+        """
+        with self._mem.memory() as mem:
+            return self._queue.pop_batches(mem, max_chains)
+
+    def add_used_heads(self, heads: Sequence[int], length: int = 0) -> None:
+        """Return many chains with one used length, published together.
+
+        Raises:
+            ValueError: an entry is invalid; nothing was written.
+            RingStateError: the queue is not ready.
+        """
+        with self._mem.memory() as mem:
+            self._queue.add_used_heads(mem, heads, length)
 
     def pop_chain(self) -> DescriptorChain | None:
         """Pop one descriptor chain.

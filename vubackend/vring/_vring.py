@@ -16,12 +16,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, final
 
 from vubackend.memory import GuestAddress, GuestMemoryAtomic
-from vubackend.vring._chain import DescriptorChain
+from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._rwlock import RwLock
 from vubackend.vring._state import VringState
@@ -80,6 +80,18 @@ class VringT(Protocol):
 
     def pop_chains(self, max_chains: int | None = None) -> list[DescriptorChain]:
         """Pop the available descriptor chains."""
+        ...
+
+    def poll_available(self, timeout: float) -> bool:
+        """Busy-poll up to ``timeout`` seconds for a new available chain."""
+        ...
+
+    def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
+        """Pop the available chains as batches (no object per chain)."""
+        ...
+
+    def add_used_heads(self, heads: Sequence[int], length: int = 0) -> None:
+        """Return many chains with one used length, published together."""
         ...
 
     def pop_chain(self) -> DescriptorChain | None:
@@ -244,6 +256,23 @@ class _LockedVring:
         """
         with self._exclusive:
             return self._state.pop_chains(max_chains)
+
+    def poll_available(self, timeout: float) -> bool:
+        """Busy-poll for a new chain (:meth:`VringState.poll_available`);
+        the request thread is held off for at most ``timeout``."""
+        with self._exclusive:
+            return self._state.poll_available(timeout)
+
+    def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
+        """Pop the available chains as batches (:meth:`VringState.pop_batches`)."""
+        with self._exclusive:
+            return self._state.pop_batches(max_chains)
+
+    def add_used_heads(self, heads: Sequence[int], length: int = 0) -> None:
+        """Return many chains with one used length
+        (:meth:`VringState.add_used_heads`)."""
+        with self._exclusive:
+            self._state.add_used_heads(heads, length)
 
     def pop_chain(self) -> DescriptorChain | None:
         """Pop one descriptor chain (:meth:`VringState.pop_chain`).
