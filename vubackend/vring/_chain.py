@@ -102,6 +102,13 @@ class ChainBatch:
         record[2] = 0
         return cls(record, batch.segs[2 * base : 2 * (base + nsegs)], batch.regions)
 
+    @staticmethod
+    def flatten(batches: list[ChainBatch]) -> list[DescriptorChain]:
+        """The chains of several batches, in order."""
+        if len(batches) == 1:
+            return batches[0].chains()
+        return [chain for batch in batches for chain in batch.chains()]
+
     def chains(self) -> list[DescriptorChain]:
         """One chain per record, in order."""
         return list(

@@ -259,17 +259,15 @@ class SplitRing:
     def pop(self, mem: GuestMemory, max_chains: int) -> list[DescriptorChain]:
         """Pop up to ``max_chains`` available chains (see :meth:`pop_batches`,
         which this flattens)."""
-        batches = self.pop_batches(mem, max_chains)
-        if len(batches) == 1:
-            return batches[0].chains()
-        return [chain for batch in batches for chain in batch.chains()]
+        return ChainBatch.flatten(self.pop_batches(mem, max_chains))
 
     def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
         """Pop up to ``max_chains`` available chains.
 
         Returns:
-            The chains in batches, possibly none. If a malformed chain follows good
-            ones, the good ones are returned and the next call raises.
+            The chains in batches, possibly none. If a malformed chain
+            follows good ones, the good ones are returned and the next call
+            raises.
 
         Raises:
             DescriptorChainError: the next chain is malformed; it has been
