@@ -44,17 +44,16 @@ from typing import Final, cast, final
 
 from vubackend._native import RingWalker
 from vubackend.bitmap import Bitmap
-from vubackend.errors import DescriptorChainError, RingStateError, UnmappedAddressError
+from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestAddress, GuestMemory
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import (
-    DESC_F_AVAIL,
-    DESC_F_USED,
     MAX_QUEUE_SIZE,
     PACKED_WRAP_BIT,
     QueueFeatures,
 )
 from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
+from vubackend.vring._readback import guest_used_idx, packed_used_reader
 from vubackend.vring._split import SplitRing, check_split_config
 from vubackend.vring._tracker import (
     AnyInflightTracker,
@@ -436,7 +435,7 @@ class Queue:
         else:
             next_used = self._next_used
             if not self._used_explicit:
-                next_used = _guest_used_idx(mem, used, self._size)
+                next_used = guest_used_idx(mem, used, self._size)
             engine = SplitRing(
                 self._size,
                 desc,
@@ -707,22 +706,7 @@ class Queue:
             raise RingStateError("queue addresses are not set")
         desc, size = self._addresses[0], self._size
 
-        def published(slot: int, wrap: int) -> bool:
-            # Whether the used descriptor at `slot` was written with `wrap`.
-            if not 0 <= slot < size:
-                return False
-            try:
-                region, offset = mem.locate(GuestAddress(desc + 16 * slot), 16)
-            except UnmappedAddressError as exc:
-                raise RingStateError(
-                    f"descriptor ring at {desc:#x} is not in guest memory"
-                ) from exc
-            # ORDERING: acquire load of a descriptor's flags (read back when
-            # a ring starts).
-            flags = region.atomic.load_u16(offset + 14)
-            bit = DESC_F_AVAIL | DESC_F_USED
-            return flags & bit == (bit if wrap else 0)
-
+        published = packed_used_reader(mem, desc, size)
         used, used_wrap, pending = tracker.recover_packed(size, published)
         if not 0 <= used < size:
             raise RingStateError(
@@ -806,22 +790,9 @@ class Queue:
             return self.next_used
         if self._addresses is None:
             raise RingStateError("queue addresses are not set")
-        return _guest_used_idx(mem, self._addresses[2], self._size)
+        return guest_used_idx(mem, self._addresses[2], self._size)
 
     def __repr__(self) -> str:
         kind = "packed" if self._features.packed else "split"
         state = "ready" if self._ready else "stopped"
         return f"<Queue {kind} size={self._size} {state}>"
-
-
-def _guest_used_idx(mem: GuestMemory, used: int, size: int) -> int:
-    try:
-        region, offset = mem.locate(GuestAddress(used), 4)
-    except UnmappedAddressError as exc:
-        raise RingStateError(f"used ring at {used:#x} is not in guest memory") from exc
-    del size
-    try:
-        # ORDERING: acquire load of used.idx (read back when a ring starts).
-        return region.atomic.load_u16(offset + 2)
-    except ValueError as exc:
-        raise RingStateError(f"used ring at {used:#x} is misaligned ({exc})") from exc
