@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.guest.rig import (
     run_guest,
     vubackend,
 )
+from tests.interop.peers import storage_daemon
 from vubackend.frontend import BlkDriver, BlkRequestType, Frontend
 from vubackend.protocol import VirtioFeatures
 
@@ -53,29 +53,10 @@ def _ours(workdir: Path, image: Path, busy_poll_us: float = 0) -> Iterator[Path]
 
 @contextlib.contextmanager
 def _storage_daemon(workdir: Path, image: Path) -> Iterator[Path]:
-    sock = workdir / "qsd.sock"
-    with (workdir / "qsd.log").open("wb") as out:
-        process = subprocess.Popen(
-            [
-                *BACKEND_CPU,
-                "qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=disk0,filename={image}",
-                "--export",
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                f"addr.path={sock},writable=on,num-queues=1",
-            ],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.is_socket():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((workdir / "qsd.log").read_text())
-            time.sleep(0.02)
-        yield sock
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with storage_daemon(
+        workdir, image=image, num_queues=1, name="qsd", wrapper=BACKEND_CPU
+    ) as qsd:
+        yield qsd.socket
 
 
 def guest_scenario(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._harness import Metrics, Scenario
+from tests.interop.peers import wait_for_socket
 
 TESTPMD = "dpdk-testpmd"
 WARMUP = 2.0
@@ -52,14 +53,6 @@ class NetCase:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _wait_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while not path.is_socket():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the backend did not start:\n{log.read_text()}")
-        time.sleep(0.02)
 
 
 def _frontend(case: NetCase, sock: Path, workdir: Path, backend_pid: int) -> Metrics:
@@ -128,7 +121,7 @@ def _ours(case: NetCase, workdir: Path) -> Metrics:
             command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
     try:
-        _wait_socket(sock, process, log)
+        wait_for_socket(sock, process, log)
         start = time.monotonic()
         metrics = _frontend(case, sock, workdir, process.pid)
         session = time.monotonic() - start
@@ -161,7 +154,7 @@ def _reference(case: NetCase, workdir: Path) -> Metrics:
             command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
     try:
-        _wait_socket(sock, process, log)
+        wait_for_socket(sock, process, log)
         return _frontend(case, sock, workdir, process.pid)
     finally:
         process.send_signal(signal.SIGINT)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,9 @@ def require(binary: str, package: str) -> str:
     return path
 
 
-def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until ``process`` listens on ``path``; fail with its log if it
+    dies or takes longer than START_TIMEOUT."""
     deadline = time.monotonic() + START_TIMEOUT
     while not path.is_socket():
         if process.poll() is not None:
@@ -86,23 +88,32 @@ class StorageDaemon:
 
 @contextlib.contextmanager
 def storage_daemon(
-    workdir: Path, *, size_mb: int = 16, num_queues: int = 2, name: str = "vub"
+    workdir: Path,
+    *,
+    size_mb: int = 16,
+    num_queues: int = 2,
+    name: str = "vub",
+    image: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[StorageDaemon]:
-    """Start qemu-storage-daemon with a fresh raw image and a writable
-    vhost-user-blk export; kill it afterwards."""
+    """Start qemu-storage-daemon with a writable vhost-user-blk export of
+    ``image`` (by default a fresh raw image of ``size_mb``), under
+    ``wrapper`` if given (``["taskset", "-c", "0"]``); kill it afterwards."""
     qsd = require(QSD, "qemu-system-common")
-    qemu_img = require(QEMU_IMG, "qemu-utils")
-    image = workdir / f"{name}.img"
     sock = workdir / f"{name}.sock"
     log = workdir / f"{name}.log"
-    subprocess.run(
-        [qemu_img, "create", "-q", "-f", "raw", str(image), f"{size_mb}M"],
-        check=True,
-        timeout=30,
-    )
+    if image is None:
+        qemu_img = require(QEMU_IMG, "qemu-utils")
+        image = workdir / f"{name}.img"
+        subprocess.run(
+            [qemu_img, "create", "-q", "-f", "raw", str(image), f"{size_mb}M"],
+            check=True,
+            timeout=30,
+        )
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
+                *wrapper,
                 qsd,
                 "--blockdev", f"driver=file,node-name=disk0,filename={image}",
                 "--export",
@@ -112,7 +123,7 @@ def storage_daemon(
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        _wait_for_socket(sock, process, log)
+        wait_for_socket(sock, process, log)
         yield StorageDaemon(sock, image, log, process)
     finally:
         _stop(process)
@@ -184,7 +195,7 @@ def run_testpmd(
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        _wait_for_socket(sock, process, log)
+        wait_for_socket(sock, process, log)
         yield TestPmd(sock, log, process)
     finally:
         _stop(process, signal.SIGINT)

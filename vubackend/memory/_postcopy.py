@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import final
+from typing import Final, final
 
-from vubackend.bitmap import DirtyLogSlot, SharedMapping
+from vubackend.bitmap import DirtyLogSlot
 from vubackend.errors import MappingError
 from vubackend.memory._backend import PROTOCOL_FEATURE_PAGEFAULT
 from vubackend.memory._descriptor import RegionDescriptor
+from vubackend.memory._mmap_backend import MmapBackend
 from vubackend.memory._postcopy_uffd import (
     IOCTL_COPY,
     drop_pages,
@@ -45,6 +46,8 @@ from vubackend.memory._postcopy_uffd import (
 from vubackend.memory._region import MappedRegion
 
 __all__ = ["PostcopyBackend", "PostcopyFaults"]
+
+_NATIVE_MMAP: Final = MmapBackend(native_copies=True)
 
 
 @final
@@ -91,23 +94,14 @@ class PostcopyBackend:
             MappingError: the descriptor has Xen flags, or the range cannot
                 be mapped.
         """
-        where = f"memory region at GPA {descriptor.gpa:#x}"
         if descriptor.xen_flags:
             raise MappingError(
-                f"{where}: xen mapping flags {descriptor.xen_flags:#x} cannot be "
-                f"used with the postcopy memory backend"
+                f"memory region at GPA {descriptor.gpa:#x}: xen mapping flags "
+                f"{descriptor.xen_flags:#x} cannot be used with the postcopy "
+                "memory backend"
             )
-        mapping = SharedMapping.map(
-            descriptor.fd,
-            offset=descriptor.mmap_offset,
-            size=descriptor.size,
-            what=where,
-        )
-        try:
-            return MappedRegion(descriptor, mapping, log=log, native_copies=True)
-        except BaseException:
-            mapping.close()
-            raise
+        # A plain shared mapping whose copies are native: MmapBackend's.
+        return _NATIVE_MMAP.map_region(descriptor, log)
 
     def __repr__(self) -> str:
         return "PostcopyBackend()"
