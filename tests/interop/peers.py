@@ -196,6 +196,15 @@ def run_testpmd(
         )  # fmt: skip
     try:
         wait_for_socket(sock, process, log)
+        # The socket exists before forwarding starts; frames the vhost port
+        # takes in between are counted nowhere (seen: rxonly counting 0).
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"packet forwarding - ports=" not in log.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"testpmd did not start forwarding:\n{log.read_text()}"
+                )
+            time.sleep(0.02)
         yield TestPmd(sock, log, process)
     finally:
         _stop(process, signal.SIGINT)
