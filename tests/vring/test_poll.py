@@ -21,18 +21,20 @@ def test_poll_sees_a_chain_published_during_the_window(
     h = harness(packed=packed, native=native)
     state = h.state
     assert not state.poll_available(0.01), "an idle ring times out"
-    published = threading.Event()
+    publishing = threading.Event()
 
     def driver() -> None:
         time.sleep(0.05)
+        # Set before the chain becomes visible: a poll that returns True
+        # before this is set saw something that was not there.
+        publishing.set()
         h.driver.add([(DATA, 64, True)])
-        published.set()
 
     thread = threading.Thread(target=driver)
     thread.start()
     try:
         assert state.poll_available(10.0)
-        assert published.is_set()
+        assert publishing.is_set()
     finally:
         thread.join()
     # The poll only looked: the chain is still there to pop, once.
