@@ -17,13 +17,15 @@
  *    tears nor reorders them beyond what the stated order allows.
  */
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 /* Bump with any change of native.h; the facade checks it at import. */
-static const int VU_NATIVE_ABI = 2;
+static const int VU_NATIVE_ABI = 3;
 
 typedef uint16_t __attribute__((may_alias)) vu_u16_alias;
 typedef uint32_t __attribute__((may_alias)) vu_u32_alias;
@@ -46,6 +48,15 @@ uint8_t vu_load_u8_acquire(const uint8_t *base, size_t off)
 
 uint16_t vu_load_u16_acquire(const uint8_t *base, size_t off)
 {
+    const vu_u16_alias *p = (const vu_u16_alias *)(const void *)(base + off);
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+/* A full fence, then an acquire load: the "store ours, then read theirs"
+ * handshakes (§5.4 rules 5 and 6) in one call. */
+uint16_t vu_fence_load_u16(const uint8_t *base, size_t off)
+{
+    atomic_thread_fence(memory_order_seq_cst);
     const vu_u16_alias *p = (const vu_u16_alias *)(const void *)(base + off);
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
@@ -160,6 +171,7 @@ static const int VU_MAX_CHAIN_SEGMENTS = 4096;
 static const int VU_RING_INDIRECT = 1;
 static const int VU_RING_AVAIL_EVENT = 2;
 static const int VU_RING_IN_ORDER = 4;
+static const int VU_RING_EVENT_IDX = 8;
 
 static const int VU_S_NEXT_AVAIL = 0;
 static const int VU_S_AVAIL_WRAP = 1;
@@ -171,6 +183,8 @@ static const int VU_S_FAULT = 6;
 static const int VU_S_DETAIL = 7;
 static const int VU_S_WHERE = 8;
 static const int VU_S_AVAIL_IDX = 9;
+static const int VU_S_DRIVER = 10;
+static const int VU_S_MORE = 11;
 
 static const int VU_STOP_EMPTY = 0;
 static const int VU_STOP_LIMIT = 1;
@@ -178,6 +192,7 @@ static const int VU_STOP_FULL = 2;
 static const int VU_STOP_FAULT = 3;
 static const int VU_STOP_BROKEN = 4;
 static const int VU_STOP_RING = 5;
+static const int VU_STOP_ARGS = 6;
 
 static const int VU_FAULT_NONE = 0;
 static const int VU_FAULT_HEAD_RANGE = 1;
@@ -854,4 +869,343 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
     state[VU_S_USED_WRAP] = wrap;
     state[VU_S_COUNT] = written;
     return VU_STOP_EMPTY;
+}
+
+
+/* ================================================================ bound rings
+ *
+ * One queue's walk arguments kept in a struct (vu_ring) that the facade fills
+ * when the ring is (re)bound to a memory table, so that the data path passes
+ * two or three numbers per call instead of thirteen. vu_ring_pop and
+ * vu_ring_push call the walks above with the struct's fields; nothing else
+ * differs. The facade checks the fields when it sets them (as it checks the
+ * arguments of the unbound calls).
+ *
+ * Peeking: with peek_len > 0, vu_ring_pop also copies the first peek_len
+ * bytes of each popped chain's readable part (fewer if it is shorter) into
+ * peek[chain * peek_len ...], so that a device reads its request header
+ * without another call. The segments it reads were checked by the walk that
+ * produced them, against the same table.
+ */
+
+typedef struct {
+    const vu_region *regions;
+    uint64_t desc_gpa;
+    uint64_t avail_gpa;
+    uint64_t used_gpa;
+    uint64_t *inflight;
+    uint32_t *chains;
+    uint64_t *segs;
+    uint64_t *state;
+    uint8_t *peek;
+    uint32_t nregions;
+    uint32_t qsize;
+    uint32_t max_chains;
+    uint32_t max_segs;
+    uint32_t peek_len;
+    uint32_t packed;
+} vu_ring;
+
+static void vu_peek(const vu_ring *r, uint32_t n)
+{
+    for (uint32_t c = 0; c < n; c++) {
+        const uint32_t *rec = r->chains + (size_t)c * (size_t)VU_CHAIN_WORDS;
+        uint8_t *out = r->peek + (size_t)c * r->peek_len;
+        uint64_t done = 0;
+        for (uint32_t k = rec[2]; k < rec[2] + rec[4] && done < r->peek_len; k++) {
+            uint64_t meta = r->segs[2 * (size_t)k + 1];
+            uint64_t len = meta & 0xFFFFFFFFu;
+            if (len > r->peek_len - done)
+                len = r->peek_len - done;
+            memcpy(out + done,
+                   r->regions[(meta >> 32) & 0x7FFFFFFFu].host + r->segs[2 * (size_t)k],
+                   (size_t)len);
+            done += len;
+        }
+    }
+}
+
+/* The bound calls check their own arguments (the facade passes them
+ * unchecked): a position out of range, unknown flags or an unbound ring is
+ * VU_STOP_ARGS, before anything is read or written. */
+static int vu_ring_bad_position(const vu_ring *r, uint64_t pos, uint64_t wrap)
+{
+    if (r->packed)
+        return pos >= r->qsize || wrap > 1;
+    return pos > 0xFFFFu;
+}
+
+int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains)
+{
+    if (r->regions == NULL || max_chains == 0 ||
+        (flags & ~(uint32_t)(VU_RING_INDIRECT | VU_RING_AVAIL_EVENT | VU_RING_IN_ORDER)) ||
+        vu_ring_bad_position(r, r->state[VU_S_NEXT_AVAIL], r->state[VU_S_AVAIL_WRAP]))
+        return VU_STOP_ARGS;
+    if (max_chains > r->max_chains)
+        max_chains = r->max_chains;
+    int stop;
+    if (r->packed)
+        stop = vu_packed_pop(r->regions, r->nregions, r->desc_gpa, r->qsize, flags,
+                             r->inflight, r->chains, max_chains, r->segs,
+                             r->max_segs, r->state);
+    else
+        stop = vu_split_pop(r->regions, r->nregions, r->desc_gpa, r->avail_gpa,
+                            r->used_gpa, r->qsize, flags, r->inflight, r->chains,
+                            max_chains, r->segs, r->max_segs, r->state);
+    if (r->peek_len)
+        vu_peek(r, (uint32_t)r->state[VU_S_COUNT]);
+    return stop;
+}
+
+int vu_ring_push(vu_ring *r, uint32_t flags, const uint32_t *entries, uint32_t count)
+{
+    if (r->regions == NULL || (flags & ~(uint32_t)VU_RING_IN_ORDER) ||
+        vu_ring_bad_position(r, r->state[VU_S_NEXT_USED], r->state[VU_S_USED_WRAP]))
+        return VU_STOP_ARGS;
+    if (r->packed)
+        return vu_packed_push(r->regions, r->nregions, r->desc_gpa, r->qsize, flags,
+                              r->inflight, entries, count, r->state);
+    return vu_split_push(r->regions, r->nregions, r->used_gpa, r->qsize, flags,
+                         r->inflight, entries, count, r->state);
+}
+
+int vu_ring_push1(vu_ring *r, uint32_t flags, uint32_t ident, uint32_t length)
+{
+    const uint32_t entry[2] = {ident, length};
+    return vu_ring_push(r, flags, entry, 1);
+}
+
+/* Complete a batch: push the entries (one publication), then one seq_cst
+ * fence, then read what the driver asked for and whether it has made more
+ * available:
+ *  - state[VU_S_DRIVER]: split: avail.flags | used_event << 16 (used_event
+ *    only with VU_RING_EVENT_IDX); packed: the driver event suppression
+ *    area, off_wrap | flags << 16.
+ *  - state[VU_S_MORE]: 1 if a chain is available at the next position.
+ * The fence serves both store-then-load handshakes (§5.4 rules 5 and 6):
+ * our used.idx (or used flags) before the driver's suppression word, and
+ * the avail_event the last pop left (or the device flags, packed) before
+ * avail.idx (the next head's flags). The caller decides from the word
+ * whether to signal (the same code as needs_notification), so both the
+ * native and the Python ring take one decision path. */
+int vu_ring_complete(vu_ring *r, uint32_t flags, const uint32_t *entries,
+                     uint32_t count)
+{
+    r->state[VU_S_DRIVER] = 0;
+    r->state[VU_S_MORE] = 0;
+    int stop = vu_ring_push(r, flags & ~(uint32_t)VU_RING_EVENT_IDX, entries, count);
+    if (stop != VU_STOP_EMPTY)
+        return stop;
+    if (r->packed) {
+        const uint8_t *ring = vu_host(r->regions, r->nregions, r->desc_gpa,
+                                      16 * (uint64_t)r->qsize);
+        const uint8_t *drv = vu_host(r->regions, r->nregions, r->avail_gpa, 4);
+        if (ring == NULL || drv == NULL || ((uintptr_t)drv & 3u))
+            return vu_ring_fault(r->state, r->avail_gpa);
+        uint64_t slot = r->state[VU_S_NEXT_AVAIL];
+        uint32_t wrap = (uint32_t)r->state[VU_S_AVAIL_WRAP] & 1u;
+        if (slot >= r->qsize)
+            return VU_STOP_ARGS;
+        atomic_thread_fence(memory_order_seq_cst);
+        uint32_t word = __atomic_load_n((const vu_u32_alias *)(const void *)drv,
+                                        __ATOMIC_ACQUIRE);
+        uint16_t hflags = vu_ld16_acquire(ring + 16 * (size_t)slot + 14);
+        uint32_t avail = (hflags & VU_DESC_F_AVAIL) != 0;
+        uint32_t used = (hflags & VU_DESC_F_USED) != 0;
+        r->state[VU_S_DRIVER] = word;
+        r->state[VU_S_MORE] = (avail == wrap && used != wrap);
+        return VU_STOP_EMPTY;
+    }
+    const int event_idx = (flags & (uint32_t)VU_RING_EVENT_IDX) != 0;
+    const uint8_t *avail = vu_host(r->regions, r->nregions, r->avail_gpa,
+                                   4 + 2 * (uint64_t)r->qsize + (event_idx ? 2 : 0));
+    if (avail == NULL || ((uintptr_t)avail & 1u))
+        return vu_ring_fault(r->state, r->avail_gpa);
+    atomic_thread_fence(memory_order_seq_cst);
+    uint64_t word = vu_ld16_acquire(avail);
+    if (event_idx)
+        word |= (uint64_t)vu_ld16_acquire(avail + 4 + 2 * (size_t)r->qsize) << 16;
+    uint16_t idx = vu_ld16_acquire(avail + 2);
+    r->state[VU_S_DRIVER] = word;
+    r->state[VU_S_MORE] = idx != (uint16_t)r->state[VU_S_NEXT_AVAIL];
+    return VU_STOP_EMPTY;
+}
+
+/* ================================================================ chain data
+ *
+ * Moving a chain's bytes: between its buffers and a flat buffer
+ * (vu_chain_copy), or between its buffers and a file (vu_chain_file_io, one
+ * preadv/pwritev per up to VU_CHAIN_IOV segments). The device's Python code
+ * makes one call per request, whatever the number of descriptors, and the
+ * bytes move without the GIL (postcopy memory may block on a page fault).
+ *
+ * Rules:
+ *  - The segments are what a walk produced (native or its Python twin)
+ *    against the same region table: 2 words each, the offset in the region,
+ *    then len | region << 32 | WRITE << 63; nsegs is the array's length.
+ *    The range [first, first + count) is checked against it (-ERANGE) and
+ *    every segment again against its region (-EFAULT), before anything
+ *    moves.
+ *  - `first` and `count` select the chain's readable or writable segments;
+ *    `skip` bytes of them are passed over first (the chain's read or write
+ *    cursor); at most `len` bytes move. Running out of segments is not an
+ *    error: the count of bytes moved says how far it got.
+ *  - File I/O returns the bytes moved, or -errno when the first system call
+ *    fails; a later failure returns what moved before it (POSIX style: the
+ *    caller's next call sees the error). EINTR is retried. A read that hits
+ *    the end of the file stops there.
+ *  - Guest memory is shared: these are plain copies, with no ordering; the
+ *    used-ring publication orders them for the driver (§5.4 rule 4).
+ */
+
+#define VU_CHAIN_IOV_MAX 64
+static const int VU_CHAIN_IOV = VU_CHAIN_IOV_MAX;
+
+/* 0 if segments [first, first + count) are all inside the array (nsegs)
+ * and inside their regions; else -ERANGE (the range; no system call
+ * returns it here) or -EFAULT. */
+static int vu_check_segs(const vu_region *regions, uint32_t nregions,
+                         const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                         uint32_t count)
+{
+    if ((uint64_t)first + count > nsegs)
+        return -ERANGE;
+    for (uint32_t k = first; k < first + count; k++) {
+        uint64_t off = segs[2 * (size_t)k];
+        uint64_t meta = segs[2 * (size_t)k + 1];
+        uint64_t len = meta & 0xFFFFFFFFu;
+        uint64_t r = (meta >> 32) & 0x7FFFFFFFu;
+        if (r >= nregions || off > regions[r].size || len > regions[r].size - off)
+            return -EFAULT;
+    }
+    return 0;
+}
+
+/* Position of byte `skip` of segments [first, first + count): *k and the
+ * offset inside segment *k; *k == first + count when skip is past the end. */
+static void vu_seek(const uint64_t *segs, uint32_t first, uint32_t count,
+                    uint64_t skip, uint32_t *k, uint64_t *inner)
+{
+    uint32_t i = first;
+    while (i < first + count) {
+        uint64_t len = segs[2 * (size_t)i + 1] & 0xFFFFFFFFu;
+        if (skip < len)
+            break;
+        skip -= len;
+        i++;
+    }
+    *k = i;
+    *inner = skip;
+}
+
+int64_t vu_chain_copy(const vu_region *regions, uint32_t nregions,
+                      const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                      uint32_t count, uint64_t skip, uint8_t *buf, uint64_t length,
+                      int to_chain);
+
+/* vu_chain_copy into the chain from a read-only source (a Python bytes
+ * object is passed as it is, without pinning a copy of it). */
+int64_t vu_chain_write(const vu_region *regions, uint32_t nregions,
+                       const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                       uint32_t count, uint64_t skip, const uint8_t *src,
+                       uint64_t length)
+{
+    /* Only read through the pointer: to_chain copies from buf. */
+    return vu_chain_copy(regions, nregions, segs, nsegs, first, count, skip,
+                         (uint8_t *)(uintptr_t)src, length, 1);
+}
+
+int64_t vu_chain_copy(const vu_region *regions, uint32_t nregions,
+                      const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                      uint32_t count, uint64_t skip, uint8_t *buf, uint64_t length,
+                      int to_chain)
+{
+    int bad = vu_check_segs(regions, nregions, segs, nsegs, first, count);
+    if (bad)
+        return bad;
+    uint32_t k;
+    uint64_t inner;
+    vu_seek(segs, first, count, skip, &k, &inner);
+    uint64_t done = 0;
+    for (; k < first + count && done < length; k++) {
+        uint64_t off = segs[2 * (size_t)k];
+        uint64_t meta = segs[2 * (size_t)k + 1];
+        uint64_t n = (meta & 0xFFFFFFFFu) - inner;
+        if (n > length - done)
+            n = length - done;
+        uint8_t *host = regions[(meta >> 32) & 0x7FFFFFFFu].host + off + inner;
+        if (to_chain)
+            memmove(host, buf + done, n);
+        else
+            memmove(buf + done, host, n);
+        done += n;
+        inner = 0;
+    }
+    return (int64_t)done;
+}
+
+int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,
+                         uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
+                         uint32_t first, uint32_t count, uint64_t skip,
+                         uint64_t length, int64_t offset)
+{
+    int bad = vu_check_segs(regions, nregions, segs, nsegs, first, count);
+    if (bad)
+        return bad;
+    uint32_t k;
+    uint64_t inner;
+    vu_seek(segs, first, count, skip, &k, &inner);
+    uint64_t done = 0;
+    while (k < first + count && done < length) {
+        struct iovec iov[VU_CHAIN_IOV_MAX];
+        int n = 0;
+        uint64_t batch = 0;
+        uint32_t j = k;
+        uint64_t in = inner;
+        for (; j < first + count && n < VU_CHAIN_IOV && done + batch < length; j++) {
+            uint64_t off = segs[2 * (size_t)j];
+            uint64_t meta = segs[2 * (size_t)j + 1];
+            uint64_t piece = (meta & 0xFFFFFFFFu) - in;
+            if (piece > length - done - batch)
+                piece = length - done - batch;
+            iov[n].iov_base = regions[(meta >> 32) & 0x7FFFFFFFu].host + off + in;
+            iov[n].iov_len = (size_t)piece;
+            n++;
+            batch += piece;
+            in = 0;
+        }
+        ssize_t got;
+        do {
+            if (to_chain)
+                got = preadv(fd, iov, n, (off_t)(offset + (int64_t)done));
+            else
+                got = pwritev(fd, iov, n, (off_t)(offset + (int64_t)done));
+        } while (got < 0 && errno == EINTR);
+        if (got < 0)
+            return done ? (int64_t)done : -(int64_t)errno;
+        if (got == 0)
+            break;
+        done += (uint64_t)got;
+        /* Move the position past what the call took (it may be short). */
+        uint64_t moved = (uint64_t)got;
+        while (k < first + count && moved) {
+            uint64_t left = (segs[2 * (size_t)k + 1] & 0xFFFFFFFFu) - inner;
+            if (moved < left) {
+                inner += moved;
+                moved = 0;
+            } else {
+                moved -= left;
+                inner = 0;
+                k++;
+            }
+        }
+    }
+    return (int64_t)done;
+}
+
+int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
+                      uint32_t length)
+{
+    const uint32_t entry[2] = {ident, length};
+    return vu_ring_complete(r, flags, entry, 1);
 }

@@ -19,6 +19,7 @@ void vu_fence_seq_cst(void);
 
 uint8_t vu_load_u8_acquire(const uint8_t *base, size_t off);
 uint16_t vu_load_u16_acquire(const uint8_t *base, size_t off);
+uint16_t vu_fence_load_u16(const uint8_t *base, size_t off);
 void vu_store_u16_release(uint8_t *base, size_t off, uint16_t v);
 uint32_t vu_load_u32_acquire(const uint8_t *base, size_t off);
 void vu_store_u32_release(uint8_t *base, size_t off, uint32_t v);
@@ -55,6 +56,7 @@ static const int VU_MAX_CHAIN_SEGMENTS;
 static const int VU_RING_INDIRECT;
 static const int VU_RING_AVAIL_EVENT;
 static const int VU_RING_IN_ORDER;
+static const int VU_RING_EVENT_IDX;
 
 /* Words of the state array (uint64_t state[VU_STATE_WORDS]). */
 static const int VU_S_NEXT_AVAIL;
@@ -67,6 +69,8 @@ static const int VU_S_FAULT;
 static const int VU_S_DETAIL;
 static const int VU_S_WHERE;
 static const int VU_S_AVAIL_IDX;
+static const int VU_S_DRIVER;
+static const int VU_S_MORE;
 
 /* Why a walk stopped (the return value of the pop functions; push functions
  * return VU_STOP_EMPTY on success). */
@@ -76,6 +80,7 @@ static const int VU_STOP_FULL;
 static const int VU_STOP_FAULT;
 static const int VU_STOP_BROKEN;
 static const int VU_STOP_RING;
+static const int VU_STOP_ARGS;
 
 /* What was wrong with a chain or a used entry (state[VU_S_FAULT]). */
 static const int VU_FAULT_NONE;
@@ -113,3 +118,60 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
                    uint64_t desc_gpa, uint32_t qsize, uint32_t flags,
                    uint64_t *inflight, const uint32_t *entries, uint32_t count,
                    uint64_t *state);
+
+/* ---------------------------------------------------------------- bound rings
+ *
+ * The same walks with their arguments kept in a struct (ABI 3), filled by
+ * the facade when the ring is bound to a memory table; with peek_len > 0 a
+ * pop also copies the start of each chain's readable part into peek.
+ */
+
+typedef struct {
+    const vu_region *regions;
+    uint64_t desc_gpa;
+    uint64_t avail_gpa;
+    uint64_t used_gpa;
+    uint64_t *inflight;
+    uint32_t *chains;
+    uint64_t *segs;
+    uint64_t *state;
+    uint8_t *peek;
+    uint32_t nregions;
+    uint32_t qsize;
+    uint32_t max_chains;
+    uint32_t max_segs;
+    uint32_t peek_len;
+    uint32_t packed;
+} vu_ring;
+
+int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains);
+int vu_ring_push(vu_ring *r, uint32_t flags, const uint32_t *entries, uint32_t count);
+int vu_ring_push1(vu_ring *r, uint32_t flags, uint32_t ident, uint32_t length);
+int vu_ring_complete(vu_ring *r, uint32_t flags, const uint32_t *entries,
+                     uint32_t count);
+int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
+                      uint32_t length);
+
+/* ---------------------------------------------------------------- chain data
+ *
+ * A popped chain's bytes, moved in one call per request (ABI 3): to or from
+ * a flat buffer, or to or from a file with preadv/pwritev. Segments are the
+ * walks' output (2 words each); they are re-checked against the table.
+ * They return the bytes moved, or a negative errno (-ERANGE: the segment
+ * range is outside the array; -EFAULT: a segment outside its region).
+ */
+
+static const int VU_CHAIN_IOV;
+
+int64_t vu_chain_copy(const vu_region *regions, uint32_t nregions,
+                      const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                      uint32_t count, uint64_t skip, uint8_t *buf, uint64_t length,
+                      int to_chain);
+int64_t vu_chain_write(const vu_region *regions, uint32_t nregions,
+                       const uint64_t *segs, uint32_t nsegs, uint32_t first,
+                       uint32_t count, uint64_t skip, const uint8_t *src,
+                       uint64_t length);
+int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,
+                         uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
+                         uint32_t first, uint32_t count, uint64_t skip,
+                         uint64_t length, int64_t offset);

@@ -154,6 +154,22 @@ def test_loads_match_model(
     assert checked >= SIZE // width - 1
 
 
+def test_fenced_load_u16_matches_model(target: Target, view: AtomicView) -> None:
+    # The seq_cst fence changes nothing a single thread can see: the value
+    # and the checks are load_u16's.
+    model = snapshot(target.buf)
+    load = view.fence_load_u16  # the fence itself: nothing to order here
+    for off in range(SIZE - 1):
+        if target.aligned(off, 2):
+            assert load(off) == struct.unpack_from("=H", model, off)[0]
+        else:
+            with pytest.raises(ValueError, match="aligned"):
+                load(off)
+    for off in (SIZE - 1, SIZE, -1, *HUGE):
+        with pytest.raises((IndexError, ValueError)):
+            load(off)
+
+
 @pytest.mark.parametrize(("width", "fmt"), [(2, "=H"), (4, "=I")])
 def test_stores_match_model(
     target: Target, view: AtomicView, width: int, fmt: str

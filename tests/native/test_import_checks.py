@@ -49,12 +49,12 @@ def _run(fake: str) -> str:
         (
             "types.SimpleNamespace(ffi=None, "
             "lib=types.SimpleNamespace(VU_NATIVE_ABI=1))",
-            "has ABI 1, this vubackend needs ABI 2",
+            "has ABI 1, this vubackend needs ABI 3",
         ),
         (
             "types.SimpleNamespace(ffi=None, "
-            "lib=types.SimpleNamespace(VU_NATIVE_ABI=2, vu_copy=len))",
-            "lacks vu_fence_acquire, vu_fence_release",
+            "lib=types.SimpleNamespace(VU_NATIVE_ABI=3, vu_copy=len))",
+            "lacks vu_chain_copy, vu_chain_file_io, vu_chain_write",
         ),
     ],
 )

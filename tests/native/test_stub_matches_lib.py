@@ -94,7 +94,12 @@ def test_stub_signature_matches_c(name: str) -> None:
     assert len(params) == len(ctype.args), "arity differs from the C declaration"
     for param, carg in zip(params, ctype.args, strict=True):
         assert param.annotation is not None
-        assert ast.unparse(param.annotation) == _annotation_for(carg.kind, carg.cname)
+        expected = {_annotation_for(carg.kind, carg.cname)}
+        if param.arg == "src" and carg.cname == "uint8_t *":
+            # A byte source C only reads (declared const): cffi also passes a
+            # bytes object as it is.
+            expected.add("FFI.CData | bytes")
+        assert ast.unparse(param.annotation) in expected
     assert fn.returns is not None
     assert ast.unparse(fn.returns) == _annotation_for(
         ctype.result.kind, ctype.result.cname

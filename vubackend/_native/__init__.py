@@ -11,6 +11,9 @@ keeps everyone else out) the few primitives they need:
   with bounds-checked atomic loads/stores, an atomic fetch-or on bytes, and
   copies in and out that run without the GIL.
 * :func:`copy`: a bounds-checked, GIL-free copy between any two buffers.
+* :func:`chain_copy`, :func:`chain_file_io`: a popped chain's bytes to or
+  from a buffer or a file (preadv/pwritev), in one GIL-free call whatever
+  the number of descriptors.
 * :class:`RegionTable`, :class:`RingWalker`: the batch operations of the
   virtqueue layer (pop many descriptor chains, push many used elements) in
   one C call each. The C side checks every guest-controlled number itself
@@ -68,7 +71,9 @@ __all__ = [
     "MAX_CHAIN_SEGMENTS",
     "MAX_INDIRECT",
     "MAX_QUEUE_SIZE",
+    "PEEK_BYTES",
     "RING_AVAIL_EVENT",
+    "RING_EVENT_IDX",
     "RING_INDIRECT",
     "RING_IN_ORDER",
     "AtomicView",
@@ -78,14 +83,19 @@ __all__ = [
     "RingFault",
     "RingStop",
     "RingWalker",
+    "TableReleasedError",
+    "chain_copy",
+    "chain_file_io",
+    "chain_write",
     "copy",
     "fence_acquire",
     "fence_release",
     "fence_seq_cst",
+    "pin_segments",
 ]
 
 # The ABI number this facade was written against; native.c defines the same.
-_ABI: Final = 2
+_ABI: Final = 3
 _REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
 
 try:
@@ -112,8 +122,12 @@ if _found_abi != _ABI:
 # than fail below with an AttributeError.
 _missing = sorted(
     {
+        "vu_chain_copy",
+        "vu_chain_file_io",
+        "vu_chain_write",
         "vu_copy",
         "vu_fence_acquire",
+        "vu_fence_load_u16",
         "vu_fence_release",
         "vu_fence_seq_cst",
         "vu_load_u8_acquire",
@@ -122,6 +136,11 @@ _missing = sorted(
         "vu_or_u8",
         "vu_packed_pop",
         "vu_packed_push",
+        "vu_ring_complete",
+        "vu_ring_complete1",
+        "vu_ring_pop",
+        "vu_ring_push",
+        "vu_ring_push1",
         "vu_split_pop",
         "vu_split_push",
         "vu_store_u16_release",
@@ -147,6 +166,7 @@ _load_u16_acquire: Final = _lib.vu_load_u16_acquire
 # ORDERING: acquire loads of indices/flags that publish data (§5.4 rules 1, 2).
 _load_u32_acquire: Final = _lib.vu_load_u32_acquire
 # ORDERING: release stores that publish data written before them (§5.4 rule 4).
+_fence_load_u16: Final = _lib.vu_fence_load_u16
 _store_u16_release: Final = _lib.vu_store_u16_release
 # ORDERING: release stores that publish data written before them (§5.4 rule 4).
 _store_u32_release: Final = _lib.vu_store_u32_release
@@ -299,6 +319,23 @@ class AtomicView:
         # before it published the index or flag (§5.4 rules 1 and 2).
         # ORDERING: acquire: later reads see all the writer did before its release.
         return _load_u16_acquire(self._ptr, offset)
+
+    def fence_load_u16(self, offset: int) -> int:
+        """A sequentially consistent fence, then :meth:`load_u16`, in one
+        native call: the "publish ours, then read theirs" step of the
+        notification handshakes (§5.4 rules 5 and 6).
+
+        Raises:
+            IndexError: ``[offset, offset + 2)`` is outside the view.
+            ValueError: the address is not 2-byte aligned, or the view was
+                released.
+        """
+        if not 0 <= offset <= self._end - 2:
+            raise self._fail(offset, 2)
+        if offset & 1 != self._r2:
+            raise ValueError(f"u16 access at offset {offset} is not 2-byte aligned")
+        # ORDERING: seq_cst fence, then acquire load (§5.4 rules 5 and 6).
+        return _fence_load_u16(self._ptr, offset)
 
     def store_u16(self, offset: int, value: int) -> None:
         """Atomically store the native-endian u16 ``value`` at ``offset`` with
@@ -506,12 +543,20 @@ def copy(
 
 # The ring walks live in their own module; imported last, once the helper
 # has passed the checks above.
+from vubackend._native._chains import (  # noqa: E402
+    chain_copy,
+    chain_file_io,
+    chain_write,
+    pin_segments,
+)
 from vubackend._native._rings import (  # noqa: E402
     CHAIN_WORDS,
     MAX_CHAIN_SEGMENTS,
     MAX_INDIRECT,
     MAX_QUEUE_SIZE,
+    PEEK_BYTES,
     RING_AVAIL_EVENT,
+    RING_EVENT_IDX,
     RING_IN_ORDER,
     RING_INDIRECT,
     PopResult,
@@ -520,4 +565,5 @@ from vubackend._native._rings import (  # noqa: E402
     RingFault,
     RingStop,
     RingWalker,
+    TableReleasedError,
 )

@@ -38,7 +38,9 @@ __all__ = [
     "MAX_CHAIN_SEGMENTS",
     "MAX_INDIRECT",
     "MAX_QUEUE_SIZE",
+    "PEEK_BYTES",
     "RING_AVAIL_EVENT",
+    "RING_EVENT_IDX",
     "RING_INDIRECT",
     "RING_IN_ORDER",
     "PopResult",
@@ -47,6 +49,7 @@ __all__ = [
     "RingFault",
     "RingStop",
     "RingWalker",
+    "TableReleasedError",
 ]
 
 _REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
@@ -58,6 +61,12 @@ _split_pop: Final = _lib.vu_split_pop
 _split_push: Final = _lib.vu_split_push
 _packed_pop: Final = _lib.vu_packed_pop
 _packed_push: Final = _lib.vu_packed_push
+_ring_pop: Final = _lib.vu_ring_pop
+_ring_push: Final = _lib.vu_ring_push
+_ring_push1: Final = _lib.vu_ring_push1
+_ring_complete: Final = _lib.vu_ring_complete
+_ring_complete1: Final = _lib.vu_ring_complete1
+_ARGS: Final = 6
 
 
 def _pin(buffer: Buffer, what: str) -> FFI.CData:
@@ -79,6 +88,9 @@ head or packed buffer id), ``slots`` (ring slots the chain took; 1 for split),
 MAX_QUEUE_SIZE: Final = 32768
 MAX_INDIRECT: Final = 32768
 MAX_CHAIN_SEGMENTS: Final = 4096
+PEEK_BYTES: Final = 16
+"""Bytes of each chain's readable part that a bound pop copies out with the
+chain (:meth:`RingWalker.take`): the request header of most devices."""
 _STATE_WORDS: Final = 16
 
 RING_INDIRECT: Final = 1
@@ -89,6 +101,9 @@ the full fence and re-check of §5.4 rule 6 when the ring runs empty."""
 RING_IN_ORDER: Final = 4
 """Ring flag (packed pushes): fold used entries of length 0 into the next one
 (VIRTIO_F_IN_ORDER, one used descriptor per run)."""
+RING_EVENT_IDX: Final = 8
+"""Ring flag (split completions): EVENT_IDX was negotiated, read
+``used_event`` too."""
 
 # Words of the state array.
 _S_NEXT_AVAIL: Final = 0
@@ -101,11 +116,17 @@ _S_FAULT: Final = 6
 _S_DETAIL: Final = 7
 _S_WHERE: Final = 8
 _S_AVAIL_IDX: Final = 9
+_S_DRIVER: Final = 10
+_S_MORE: Final = 11
 
+_POP_FLAGS: Final = RING_INDIRECT | RING_AVAIL_EVENT | RING_IN_ORDER
 _U64_LIMIT: Final = 1 << 64
 # Segment words carry the region index in bits 32..62.
 _MAX_REGIONS: Final = 0x7FFF_FFFF
 _INFLIGHT_FREE: Final = (1 << 64) - 1
+_new_tuple: Final = tuple.__new__
+_NO_CHAINS: Final = array("I")
+_NO_SEGMENTS: Final = array("Q")
 
 
 class RingStop(enum.IntEnum):
@@ -124,6 +145,9 @@ class RingStop(enum.IntEnum):
     RING = 5
     """A ring part is not inside one memory region, or not aligned in host
     memory; ``detail`` is its guest address."""
+    ARGS = 6
+    """A bound call's position or flags were out of range, or the walker is
+    not bound (a caller bug; the bound calls raise ValueError for it)."""
 
 
 class RingFault(enum.IntEnum):
@@ -160,6 +184,7 @@ def _check_ring_constants() -> None:
         ("VU_RING_INDIRECT", RING_INDIRECT, _lib.VU_RING_INDIRECT),
         ("VU_RING_AVAIL_EVENT", RING_AVAIL_EVENT, _lib.VU_RING_AVAIL_EVENT),
         ("VU_RING_IN_ORDER", RING_IN_ORDER, _lib.VU_RING_IN_ORDER),
+        ("VU_RING_EVENT_IDX", RING_EVENT_IDX, _lib.VU_RING_EVENT_IDX),
         ("VU_S_NEXT_AVAIL", _S_NEXT_AVAIL, _lib.VU_S_NEXT_AVAIL),
         ("VU_S_AVAIL_WRAP", _S_AVAIL_WRAP, _lib.VU_S_AVAIL_WRAP),
         ("VU_S_NEXT_USED", _S_NEXT_USED, _lib.VU_S_NEXT_USED),
@@ -170,12 +195,15 @@ def _check_ring_constants() -> None:
         ("VU_S_DETAIL", _S_DETAIL, _lib.VU_S_DETAIL),
         ("VU_S_WHERE", _S_WHERE, _lib.VU_S_WHERE),
         ("VU_S_AVAIL_IDX", _S_AVAIL_IDX, _lib.VU_S_AVAIL_IDX),
+        ("VU_S_DRIVER", _S_DRIVER, _lib.VU_S_DRIVER),
+        ("VU_S_MORE", _S_MORE, _lib.VU_S_MORE),
         ("VU_STOP_EMPTY", RingStop.EMPTY, _lib.VU_STOP_EMPTY),
         ("VU_STOP_LIMIT", RingStop.LIMIT, _lib.VU_STOP_LIMIT),
         ("VU_STOP_FULL", RingStop.FULL, _lib.VU_STOP_FULL),
         ("VU_STOP_FAULT", RingStop.FAULT, _lib.VU_STOP_FAULT),
         ("VU_STOP_BROKEN", RingStop.BROKEN, _lib.VU_STOP_BROKEN),
         ("VU_STOP_RING", RingStop.RING, _lib.VU_STOP_RING),
+        ("VU_STOP_ARGS", RingStop.ARGS, _lib.VU_STOP_ARGS),
         ("VU_FAULT_NONE", RingFault.NONE, _lib.VU_FAULT_NONE),
         ("VU_FAULT_HEAD_RANGE", RingFault.HEAD_RANGE, _lib.VU_FAULT_HEAD_RANGE),
         ("VU_FAULT_NEXT_RANGE", RingFault.NEXT_RANGE, _lib.VU_FAULT_NEXT_RANGE),
@@ -231,7 +259,7 @@ def _check_ring_constants() -> None:
         ("VU_FAULT_USED_LEN", RingFault.USED_LEN, _lib.VU_FAULT_USED_LEN),
     ]
     wrong = [f"{name} is {c}, expected {py}" for name, py, c in pairs if py != c]
-    if wrong or len(RingFault) != 17 or len(RingStop) != 6:
+    if wrong or len(RingFault) != 17 or len(RingStop) != 7:
         raise NativeHelperError(
             f"the compiled helper vubackend._native._atomics disagrees with this "
             f"facade: {'; '.join(wrong) or 'enum sizes'}; {_REMEDY}"
@@ -245,6 +273,11 @@ _STOPS: Final = tuple(RingStop)
 _FAULTS: Final = tuple(RingFault)
 
 
+class TableReleasedError(ValueError):
+    """The region table was released (its ring moved on to a new memory
+    table). Whoever holds chains of it pins the regions again."""
+
+
 @final
 class RegionTable:
     """The guest memory regions, pinned, in the form the C ring walks read.
@@ -252,9 +285,9 @@ class RegionTable:
     Build one per memory snapshot and keep it while the snapshot is in use.
     Each region's buffer is pinned here (a pinned mmap cannot be closed, so
     the memory stays mapped for as long as the table is alive, whatever
-    happens to the snapshot); :meth:`release` unpins them. Like
-    :meth:`AtomicView.release`, release must not race with a call that uses
-    the table.
+    happens to the snapshot); :meth:`release` unpins them. Release must not
+    race with a ring walk that uses the table (the queue serialises them);
+    chain copies may race with it (see :meth:`release`).
     """
 
     __slots__ = ("_count", "_gpas", "_pins", "_table")
@@ -318,16 +351,20 @@ class RegionTable:
 
     def _check(self) -> FFI.CData:
         if self._count < 0:
-            raise ValueError("region table released")
+            raise TableReleasedError("region table released")
         return self._table
 
     def release(self) -> None:
-        """Unpin every region; the table refuses later use. Idempotent."""
+        """Unpin every region; the table refuses later use. Idempotent.
+
+        The pins are dropped, not force-released: a chain copy running on
+        another thread (``chain_copy``, ``chain_file_io``) holds them until
+        it returns, so the memory it copies cannot be unmapped under it.
+        Otherwise they go at once (nothing else refers to them).
+        """
         if self._count < 0:
             return
         self._count = -1
-        for pin in self._pins:
-            _unpin(pin)
         self._pins = []
 
     def __repr__(self) -> str:
@@ -410,6 +447,8 @@ class RingWalker:
     """
 
     __slots__ = (
+        "_bound",
+        "_chain_bytes",
         "_chain_words",
         "_chains",
         "_entries",
@@ -418,7 +457,11 @@ class RingWalker:
         "_max_chains",
         "_max_segs",
         "_packed",
+        "_peek",
+        "_peek_bytes",
         "_qsize",
+        "_ring",
+        "_seg_bytes",
         "_seg_words",
         "_segs",
         "_state",
@@ -455,14 +498,34 @@ class RingWalker:
         """The in-flight table, one u64 per id (see the class docstring)."""
         self._inflight_ptr = _from_buffer("uint64_t[]", self._inflight_buf)
         self._chains = _ffi.new("uint32_t[]", max_chains * CHAIN_WORDS)
-        self._chain_words = memoryview(_ffi.buffer(self._chains)).cast("I")
+        self._chain_bytes = memoryview(_ffi.buffer(self._chains))
+        self._chain_words = self._chain_bytes.cast("I")
         self._segs = _ffi.new("uint64_t[]", 2 * self._max_segs)
-        self._seg_words = memoryview(_ffi.buffer(self._segs)).cast("Q")
+        self._seg_bytes = memoryview(_ffi.buffer(self._segs))
+        self._seg_words = self._seg_bytes.cast("Q")
         self._state = _ffi.new("uint64_t[]", _STATE_WORDS)
         # Reading the results through a memoryview is several times cheaper
         # than indexing the cffi array (one call per index).
         self._state_words = memoryview(_ffi.buffer(self._state)).cast("Q")
         self._entries = _ffi.new("uint32_t[]", 2)
+        self._peek = _ffi.new("uint8_t[]", max_chains * PEEK_BYTES)
+        self._peek_bytes = memoryview(_ffi.buffer(self._peek))
+        # The bound calls' arguments (bind()), in the C struct.
+        self._ring = _ffi.new("vu_ring *")
+        # The struct itself (cdata indexing is untyped: its fields are set
+        # by name, as cffi allows).
+        ring = self._ring[0]
+        ring.inflight = self._inflight_ptr
+        ring.chains = self._chains
+        ring.segs = self._segs
+        ring.state = self._state
+        ring.peek = self._peek
+        ring.qsize = qsize
+        ring.max_chains = max_chains
+        ring.max_segs = self._max_segs
+        ring.peek_len = PEEK_BYTES
+        ring.packed = 1 if packed else 0
+        self._bound: RegionTable | None = None
 
     @property
     def qsize(self) -> int:
@@ -474,14 +537,252 @@ class RingWalker:
         """Whether this walker serves a packed ring."""
         return self._packed
 
+    @property
+    def max_chains(self) -> int:
+        """Most chains one pop call returns."""
+        return self._max_chains
+
     def clear_inflight(self) -> None:
         """Mark every id free (a ring reset or a new base)."""
         self._inflight_buf[:] = b"\xff" * len(self._inflight_buf)
 
+    # ------------------------------------------------------------ bound calls
+    #
+    # The data path's calls: bind() checks the table and the ring addresses
+    # once, then pop_bound/push_bound/push_one check only what changes per
+    # call (positions, flags, counts), and return plain tuples.
+
+    def bind(
+        self, table: RegionTable, desc_gpa: int, avail_gpa: int = 0, used_gpa: int = 0
+    ) -> None:
+        """Bind the walker to a region table and the ring's addresses (split:
+        descriptor table, available and used rings; packed: the descriptor
+        ring) for :meth:`pop_bound`, :meth:`push_bound` and :meth:`push_one`.
+        The walker keeps ``table`` until the next bind or :meth:`unbind`.
+
+        Raises:
+            ValueError: the table was released, or an address is not a u64.
+        """
+        table._check()
+        _check_u64(desc_gpa, "descriptor table address")
+        _check_u64(avail_gpa, "available ring address")
+        _check_u64(used_gpa, "used ring address")
+        ring = self._ring[0]
+        ring.regions = table._table
+        ring.nregions = table._count
+        ring.desc_gpa = desc_gpa
+        ring.avail_gpa = avail_gpa
+        ring.used_gpa = used_gpa
+        self._bound = table
+
+    def unbind(self) -> None:
+        """Forget the bound table (the bound calls refuse until the next bind)."""
+        self._bound = None
+        ring = self._ring[0]
+        ring.regions = _ffi.NULL
+        ring.nregions = 0
+
+    def pop_bound(
+        self, next_avail: int, avail_wrap: int, flags: int, max_chains: int
+    ) -> tuple[RingStop, int, int, int]:
+        """:meth:`split_pop` or :meth:`packed_pop` on the bound ring. The C
+        side checks the position, the flags and ``max_chains`` itself.
+
+        Returns:
+            ``(stop, chains popped, next_avail, avail_wrap)``; the chains
+            with :meth:`take`, the rest of the result (faults) with
+            :meth:`last_pop`.
+
+        Raises:
+            ValueError: not bound, the table was released, or an argument is
+                out of range.
+        """
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        st = self._state_words
+        st[_S_NEXT_AVAIL] = next_avail
+        st[_S_AVAIL_WRAP] = avail_wrap
+        stop = _ring_pop(self._ring, flags, max_chains)
+        if stop == _ARGS:
+            raise ValueError(
+                f"pop at {next_avail} (wrap {avail_wrap}), flags {flags:#x}, "
+                f"max_chains {max_chains}: out of range"
+            )
+        return (_STOPS[stop], st[_S_COUNT], st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP])
+
+    def pop_take(
+        self, next_avail: int, avail_wrap: int, flags: int, max_chains: int
+    ) -> tuple[
+        RingStop, int, int, int, tuple[array[int], array[int], bytes, FFI.CData] | None
+    ]:
+        """:meth:`pop_bound`, then :meth:`take` of what came, in one call:
+        ``(stop, count, next_avail, avail_wrap, taken)``, ``taken`` None
+        when nothing came. The data path's pop (one call less per kick)."""
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        st = self._state_words
+        st[_S_NEXT_AVAIL] = next_avail
+        st[_S_AVAIL_WRAP] = avail_wrap
+        stop = _ring_pop(self._ring, flags, max_chains)
+        if stop == _ARGS:
+            raise ValueError(
+                f"pop at {next_avail} (wrap {avail_wrap}), flags {flags:#x}, "
+                f"max_chains {max_chains}: out of range"
+            )
+        count = st[_S_COUNT]
+        if not count:
+            return (_STOPS[stop], 0, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], None)
+        # take(), inline.
+        chains = array("I")
+        chains.frombytes(self._chain_bytes[: 4 * CHAIN_WORDS * count])
+        segments = array("Q")
+        segments.frombytes(self._seg_bytes[: 16 * st[_S_SEGS]])
+        taken = (
+            chains,
+            segments,
+            self._peek_bytes[: count * PEEK_BYTES].tobytes(),
+            _from_buffer("uint64_t[]", segments),
+        )
+        return (_STOPS[stop], count, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], taken)
+
+    def take(self, count: int) -> tuple[array[int], array[int], bytes, FFI.CData]:
+        """The last pop's ``count`` chains: copies of their record words and
+        their segment words, the first :data:`PEEK_BYTES` bytes of each
+        one's readable part (``PEEK_BYTES`` per chain; only the first
+        ``min(readable_len, PEEK_BYTES)`` of each are meaningful), and the
+        segment words pinned for ``chain_copy`` / ``chain_file_io``."""
+        chains = array("I")
+        chains.frombytes(self._chain_bytes[: 4 * CHAIN_WORDS * count])
+        segments = array("Q")
+        segments.frombytes(self._seg_bytes[: 16 * self._state_words[_S_SEGS]])
+        return (
+            chains,
+            segments,
+            self._peek_bytes[: count * PEEK_BYTES].tobytes(),
+            _from_buffer("uint64_t[]", segments),
+        )
+
+    def last_pop(self, stop: RingStop) -> PopResult:
+        """The full result of the last bound pop (which returned ``stop``)."""
+        return self._pop_result(stop)
+
+    def push_bound(
+        self, next_used: int, used_wrap: int, flags: int, entries: Sequence[int]
+    ) -> tuple[RingStop, int, int]:
+        """:meth:`split_push` or :meth:`packed_push` on the bound ring. The C
+        side checks the position and the flags itself.
+
+        Returns:
+            ``(stop, next_used, used_wrap)``; a fault's details with
+            :meth:`last_push`.
+
+        Raises:
+            ValueError: not bound, the table was released, or an argument is
+                out of range.
+        """
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        ptr, count, keep = self._entries_for(entries)
+        st = self._state_words
+        st[_S_NEXT_USED] = next_used
+        st[_S_USED_WRAP] = used_wrap
+        stop = _ring_push(self._ring, flags, ptr, count)
+        del keep
+        if stop == _ARGS:
+            raise ValueError(
+                f"push at {next_used} (wrap {used_wrap}), flags {flags:#x}: "
+                f"out of range"
+            )
+        return (_STOPS[stop], st[_S_NEXT_USED], st[_S_USED_WRAP])
+
+    def push_one(
+        self, next_used: int, used_wrap: int, flags: int, ident: int, length: int
+    ) -> tuple[RingStop, int, int]:
+        """:meth:`push_bound` of one ``(ident, length)`` entry."""
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        st = self._state_words
+        st[_S_NEXT_USED] = next_used
+        st[_S_USED_WRAP] = used_wrap
+        try:
+            stop = _ring_push1(self._ring, flags, ident, length)
+        except OverflowError as exc:
+            raise ValueError(f"used entry ({ident}, {length}) is not two u32s") from exc
+        if stop == _ARGS:
+            raise ValueError(
+                f"push at {next_used} (wrap {used_wrap}), flags {flags:#x}: "
+                f"out of range"
+            )
+        return (_STOPS[stop], st[_S_NEXT_USED], st[_S_USED_WRAP])
+
+    def complete(
+        self, next_used: int, used_wrap: int, flags: int, entries: Sequence[int]
+    ) -> tuple[RingStop, int, int, int, bool]:
+        """:meth:`push_bound`, then one full fence, then read the driver's
+        notification word and whether more chains are available (§5.4 rules
+        5 and 6 in one fence).
+
+        Args:
+            next_used: the used position to write at.
+            used_wrap: its wrap counter (packed; 0 for split).
+            flags: ``RING_IN_ORDER`` (packed) and/or ``RING_EVENT_IDX``
+                (split: read ``used_event`` too).
+            entries: ``(id, len)`` pairs, flattened.
+
+        Returns:
+            ``(stop, next_used, used_wrap, driver, more)``: ``driver`` is, for
+            a split ring, ``avail.flags | used_event << 16``; for a packed
+            ring, the driver event suppression area (``off_wrap | flags <<
+            16``); ``more`` whether a chain is available at the next
+            position. A fault's details with :meth:`last_push`.
+
+        Raises:
+            ValueError: not bound, the table was released, or an argument is
+                out of range.
+        """
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        st = self._state_words
+        st[_S_NEXT_USED] = next_used
+        st[_S_USED_WRAP] = used_wrap
+        if len(entries) == 2:
+            # One entry (a request at a time): no array to build.
+            try:
+                stop = _ring_complete1(self._ring, flags, entries[0], entries[1])
+            except OverflowError as exc:
+                raise ValueError(
+                    f"used entry {tuple(entries)} is not two u32s"
+                ) from exc
+        else:
+            ptr, count, keep = self._entries_for(entries)
+            stop = _ring_complete(self._ring, flags, ptr, count)
+            del keep
+        if stop == _ARGS:
+            raise ValueError(
+                f"completion at {next_used} (wrap {used_wrap}), flags {flags:#x}: "
+                f"out of range"
+            )
+        return (
+            _STOPS[stop],
+            st[_S_NEXT_USED],
+            st[_S_USED_WRAP],
+            st[_S_DRIVER],
+            st[_S_MORE] != 0,
+        )
+
+    def last_push(self, stop: RingStop) -> PushResult:
+        """The full result of the last bound push (which returned ``stop``)."""
+        return self._push_result(stop)
+
     # ------------------------------------------------------------ pops
 
     def _pop_args(self, table: RegionTable, max_chains: int, flags: int) -> int:
-        if not 0 <= flags <= RING_INDIRECT | RING_AVAIL_EVENT | RING_IN_ORDER:
+        if not 0 <= flags <= _POP_FLAGS:
             raise ValueError(f"ring flags {flags:#x} are unknown")
         if max_chains < 1:
             raise ValueError(f"max_chains {max_chains} is below 1")
@@ -491,23 +792,33 @@ class RingWalker:
     def _pop_result(self, stop: int) -> PopResult:
         st = self._state_words
         count = st[_S_COUNT]
-        nsegs = st[_S_SEGS]
-        # Copies as arrays: one memcpy each, instead of an int object per
-        # word (tolist), which cost more than the C walk itself.
-        chains = array("I")
-        chains.frombytes(self._chain_words[: count * CHAIN_WORDS].cast("B"))
-        segments = array("Q")
-        segments.frombytes(self._seg_words[: 2 * nsegs].cast("B"))
-        return PopResult(
-            _STOPS[stop],
-            chains,
-            segments,
-            st[_S_NEXT_AVAIL],
-            st[_S_AVAIL_WRAP],
-            st[_S_AVAIL_IDX],
-            _FAULTS[st[_S_FAULT]],
-            st[_S_DETAIL],
-            st[_S_WHERE],
+        if count:
+            # Copies as arrays: one memcpy each, instead of an int object per
+            # word (tolist), which cost more than the C walk itself.
+            chains = array("I")
+            chains.frombytes(self._chain_words[: count * CHAIN_WORDS].cast("B"))
+            segments = array("Q")
+            segments.frombytes(self._seg_words[: 2 * st[_S_SEGS]].cast("B"))
+        else:
+            # Shared and empty: an empty pop (every drain ends with one)
+            # allocates nothing. Nobody appends to a result.
+            chains = _NO_CHAINS
+            segments = _NO_SEGMENTS
+        # tuple.__new__: the NamedTuple's own __new__ is a Python function,
+        # and this runs once per pop.
+        return _new_tuple(
+            PopResult,
+            (
+                _STOPS[stop],
+                chains,
+                segments,
+                st[_S_NEXT_AVAIL],
+                st[_S_AVAIL_WRAP],
+                st[_S_AVAIL_IDX],
+                _FAULTS[st[_S_FAULT]],
+                st[_S_DETAIL],
+                st[_S_WHERE],
+            ),
         )
 
     def split_pop(
@@ -540,21 +851,27 @@ class RingWalker:
             ValueError: the walker serves a packed ring, the table was
                 released, or an argument is out of range.
         """
-        if self._packed:
-            raise ValueError("split_pop on a packed walker")
-        count = self._pop_args(table, max_chains, flags)
-        if not (
-            0 <= desc_gpa < _U64_LIMIT
-            and 0 <= avail_gpa < _U64_LIMIT
-            and 0 <= used_gpa < _U64_LIMIT
+        # Every check in one expression on the way in (this runs once per
+        # batch, often per request); the slow path says what was wrong.
+        if (
+            self._packed
+            or table._count < 0
+            or not 0 <= flags <= _POP_FLAGS
+            or max_chains < 1
+            or not 0 <= next_avail <= 0xFFFF
+            or not 0 <= desc_gpa < _U64_LIMIT
+            or not 0 <= avail_gpa < _U64_LIMIT
+            or not 0 <= used_gpa < _U64_LIMIT
         ):
+            if self._packed:
+                raise ValueError("split_pop on a packed walker")
+            self._pop_args(table, max_chains, flags)
             _check_u64(desc_gpa, "descriptor table address")
             _check_u64(avail_gpa, "available ring address")
             _check_u64(used_gpa, "used ring address")
-        if not 0 <= next_avail <= 0xFFFF:
             raise ValueError(f"next_avail {next_avail} is not a u16")
-        st = self._state
-        st[_S_NEXT_AVAIL] = next_avail
+        count = max_chains if max_chains < self._max_chains else self._max_chains
+        self._state_words[_S_NEXT_AVAIL] = next_avail
         stop = _split_pop(
             table._table,
             table._count,
@@ -568,7 +885,7 @@ class RingWalker:
             count,
             self._segs,
             self._max_segs,
-            st,
+            self._state,
         )
         return self._pop_result(stop)
 
@@ -629,8 +946,6 @@ class RingWalker:
 
     def _entries_for(self, entries: Sequence[int]) -> tuple[FFI.CData, int, object]:
         # (pointer, count, keep-alive) for a flat (id, len, id, len, ...) list.
-        if len(entries) % 2:
-            raise ValueError("used entries must be (id, len) pairs")
         if len(entries) == 2:
             buf = self._entries
             ident, length = entries
@@ -639,6 +954,8 @@ class RingWalker:
             buf[0] = ident
             buf[1] = length
             return buf, 1, None
+        if len(entries) % 2:
+            raise ValueError("used entries must be (id, len) pairs")
         try:
             words = array("I", entries)
         except OverflowError as exc:
@@ -650,15 +967,18 @@ class RingWalker:
         return _from_buffer("uint32_t[]", words), len(words) // 2, words
 
     def _push_result(self, stop: int) -> PushResult:
-        st = self._state
-        return PushResult(
-            _STOPS[stop],
-            st[_S_COUNT],
-            st[_S_NEXT_USED],
-            st[_S_USED_WRAP],
-            _FAULTS[st[_S_FAULT]],
-            st[_S_DETAIL],
-            st[_S_WHERE],
+        st = self._state_words
+        return _new_tuple(
+            PushResult,
+            (
+                _STOPS[stop],
+                st[_S_COUNT],
+                st[_S_NEXT_USED],
+                st[_S_USED_WRAP],
+                _FAULTS[st[_S_FAULT]],
+                st[_S_DETAIL],
+                st[_S_WHERE],
+            ),
         )
 
     def split_push(
@@ -683,11 +1003,16 @@ class RingWalker:
             ValueError: the walker serves a packed ring, the table was
                 released, or an argument is out of range.
         """
-        if self._packed:
-            raise ValueError("split_push on a packed walker")
-        table._check()
-        _check_u64(used_gpa, "used ring address")
-        if not 0 <= next_used <= 0xFFFF:
+        if (
+            self._packed
+            or table._count < 0
+            or not 0 <= used_gpa < _U64_LIMIT
+            or not 0 <= next_used <= 0xFFFF
+        ):
+            if self._packed:
+                raise ValueError("split_push on a packed walker")
+            table._check()
+            _check_u64(used_gpa, "used ring address")
             raise ValueError(f"next_used {next_used} is not a u16")
         ptr, count, keep = self._entries_for(entries)
         st = self._state

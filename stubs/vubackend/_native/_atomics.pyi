@@ -19,6 +19,7 @@ class _Lib:
     VU_RING_INDIRECT: int
     VU_RING_AVAIL_EVENT: int
     VU_RING_IN_ORDER: int
+    VU_RING_EVENT_IDX: int
     VU_S_NEXT_AVAIL: int
     VU_S_AVAIL_WRAP: int
     VU_S_NEXT_USED: int
@@ -29,12 +30,15 @@ class _Lib:
     VU_S_DETAIL: int
     VU_S_WHERE: int
     VU_S_AVAIL_IDX: int
+    VU_S_DRIVER: int
+    VU_S_MORE: int
     VU_STOP_EMPTY: int
     VU_STOP_LIMIT: int
     VU_STOP_FULL: int
     VU_STOP_FAULT: int
     VU_STOP_BROKEN: int
     VU_STOP_RING: int
+    VU_STOP_ARGS: int
     VU_FAULT_NONE: int
     VU_FAULT_HEAD_RANGE: int
     VU_FAULT_NEXT_RANGE: int
@@ -52,11 +56,13 @@ class _Lib:
     VU_FAULT_IN_FLIGHT: int
     VU_FAULT_NOT_IN_FLIGHT: int
     VU_FAULT_USED_LEN: int
+    VU_CHAIN_IOV: int
     def vu_fence_acquire(self, /) -> None: ...
     def vu_fence_release(self, /) -> None: ...
     def vu_fence_seq_cst(self, /) -> None: ...
     def vu_load_u8_acquire(self, base: FFI.CData, off: int, /) -> int: ...
     def vu_load_u16_acquire(self, base: FFI.CData, off: int, /) -> int: ...
+    def vu_fence_load_u16(self, base: FFI.CData, off: int, /) -> int: ...
     def vu_store_u16_release(self, base: FFI.CData, off: int, v: int, /) -> None: ...
     def vu_load_u32_acquire(self, base: FFI.CData, off: int, /) -> int: ...
     def vu_store_u32_release(self, base: FFI.CData, off: int, v: int, /) -> None: ...
@@ -126,6 +132,61 @@ class _Lib:
         entries: FFI.CData,
         count: int,
         state: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_ring_pop(self, r: FFI.CData, flags: int, max_chains: int, /) -> int: ...
+    def vu_ring_push(
+        self, r: FFI.CData, flags: int, entries: FFI.CData, count: int, /
+    ) -> int: ...
+    def vu_ring_push1(
+        self, r: FFI.CData, flags: int, ident: int, length: int, /
+    ) -> int: ...
+    def vu_ring_complete(
+        self, r: FFI.CData, flags: int, entries: FFI.CData, count: int, /
+    ) -> int: ...
+    def vu_ring_complete1(
+        self, r: FFI.CData, flags: int, ident: int, length: int, /
+    ) -> int: ...
+    def vu_chain_copy(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        segs: FFI.CData,
+        nsegs: int,
+        first: int,
+        count: int,
+        skip: int,
+        buf: FFI.CData,
+        length: int,
+        to_chain: int,
+        /,
+    ) -> int: ...
+    def vu_chain_write(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        segs: FFI.CData,
+        nsegs: int,
+        first: int,
+        count: int,
+        skip: int,
+        src: FFI.CData | bytes,
+        length: int,
+        /,
+    ) -> int: ...
+    def vu_chain_file_io(
+        self,
+        fd: int,
+        to_chain: int,
+        regions: FFI.CData,
+        nregions: int,
+        segs: FFI.CData,
+        nsegs: int,
+        first: int,
+        count: int,
+        skip: int,
+        length: int,
+        offset: int,
         /,
     ) -> int: ...
 

@@ -1,0 +1,223 @@
+"""The data path's native calls: a RingWalker bound to a table (pop_bound,
+pop_take, push_one, push_bound, complete: same results as the unbound
+calls, arguments checked by the C side), the request header a pop copies
+out (peek), and the chain copies (chain_copy, chain_write, chain_file_io)
+with what they refuse."""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from pathlib import Path
+
+import pytest
+
+from vubackend._native import (
+    PEEK_BYTES,
+    RING_AVAIL_EVENT,
+    RING_EVENT_IDX,
+    RegionTable,
+    RingStop,
+    RingWalker,
+    TableReleasedError,
+    chain_copy,
+    chain_file_io,
+    chain_write,
+    pin_segments,
+)
+
+DESC = struct.Struct("<QIHH")
+MEM = 0x40000
+DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x2000, 0x3000
+QSIZE = 8
+
+
+def publish(buf: bytearray, heads: list[int], start: int = 0) -> None:
+    for i, head in enumerate(heads):
+        struct.pack_into("<H", buf, AVAIL_GPA + 4 + 2 * ((start + i) % QSIZE), head)
+    struct.pack_into("<H", buf, AVAIL_GPA + 2, (start + len(heads)) & 0xFFFF)
+
+
+def request(buf: bytearray, head: int, data: int, header: bytes) -> None:
+    """A two-descriptor chain at ``head``: a readable header, a writable
+    byte."""
+    buf[data : data + len(header)] = header
+    DESC.pack_into(buf, DESC_GPA + 16 * head, data, len(header), 1, head + 1)
+    DESC.pack_into(buf, DESC_GPA + 16 * (head + 1), data + 0x100, 1, 2, 0)
+
+
+@pytest.fixture
+def ring() -> tuple[bytearray, RegionTable, RingWalker]:
+    buf = bytearray(MEM)
+    table = RegionTable([(0, buf)])
+    walker = RingWalker(QSIZE, packed=False)
+    walker.bind(table, DESC_GPA, AVAIL_GPA, USED_GPA)
+    return buf, table, walker
+
+
+def test_bound_pop_gives_what_the_unbound_pop_gives(
+    ring: tuple[bytearray, RegionTable, RingWalker],
+) -> None:
+    buf, table, walker = ring
+    request(buf, 0, 0x8000, b"H" * 20)
+    request(buf, 2, 0x9000, b"J" * 3)
+    publish(buf, [0, 2])
+    stop, count, next_avail, _, taken = walker.pop_take(0, 0, 0, 8)
+    assert (stop, count, next_avail) == (RingStop.EMPTY, 2, 2)
+    assert taken is not None
+    words, segs, peek, _ptr = taken
+    other = RingWalker(QSIZE, packed=False)
+    unbound = other.split_pop(
+        table, DESC_GPA, AVAIL_GPA, USED_GPA, 0, flags=0, max_chains=8
+    )
+    assert list(unbound.chains) == list(words)
+    assert list(unbound.segments) == list(segs)
+    # The header of each chain, PEEK_BYTES each (a short one padded).
+    assert peek[:PEEK_BYTES] == b"H" * PEEK_BYTES
+    assert peek[PEEK_BYTES : PEEK_BYTES + 3] == b"JJJ"
+    assert walker.pop_bound(2, 0, 0, 8)[:2] == (RingStop.EMPTY, 0)
+
+
+def test_bound_push_and_complete(
+    ring: tuple[bytearray, RegionTable, RingWalker],
+) -> None:
+    buf, _table, walker = ring
+    for head in (0, 2, 4):
+        request(buf, head, 0x8000 + 0x200 * head, b"h" * 16)
+    publish(buf, [0, 2, 4])
+    assert walker.pop_bound(0, 0, RING_AVAIL_EVENT, 8)[:2] == (RingStop.EMPTY, 3)
+    assert walker.push_one(0, 0, 0, 0, 1) == (RingStop.EMPTY, 1, 0)
+    assert struct.unpack_from("<H", buf, USED_GPA + 2)[0] == 1
+    # The driver's words: avail.flags 1 (NO_INTERRUPT), used_event 7.
+    struct.pack_into("<HH", buf, AVAIL_GPA, 1, 3)
+    struct.pack_into("<H", buf, AVAIL_GPA + 4 + 2 * QSIZE, 7)
+    stop, next_used, _, word, more = walker.complete(1, 0, RING_EVENT_IDX, [2, 1, 4, 1])
+    assert (stop, next_used, more) == (RingStop.EMPTY, 3, False)
+    assert word == 1 | 7 << 16
+    assert struct.unpack_from("<IIII", buf, USED_GPA + 4 + 8) == (2, 1, 4, 1)
+    # A chain published since the pop shows as "more".
+    request(buf, 6, 0x9000, b"n" * 16)
+    publish(buf, [6], start=3)
+    assert walker.pop_bound(3, 0, 0, 1)[1] == 1
+    request(buf, 0, 0x9800, b"m" * 16)
+    publish(buf, [0], start=4)
+    assert walker.complete(3, 0, 0, [6, 1])[4] is True
+    # What is not in flight is refused, nothing written.
+    assert walker.push_one(4, 0, 0, 6, 1)[0] is RingStop.FAULT
+    assert walker.last_push(RingStop.FAULT).where == 0
+    assert walker.complete(4, 0, 0, [0, 1, 0, 1])[0] is RingStop.FAULT
+
+
+def test_bound_calls_check_their_arguments(
+    ring: tuple[bytearray, RegionTable, RingWalker],
+) -> None:
+    _buf, table, walker = ring
+    with pytest.raises(ValueError, match="out of range"):
+        walker.pop_bound(0x10000, 0, 0, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        walker.pop_bound(0, 0, 0x80, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        walker.pop_bound(0, 0, 0, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        walker.push_one(0x10000, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="u32"):
+        walker.push_one(0, 0, 0, -1, 0)
+    with pytest.raises(ValueError, match="u32"):
+        walker.complete(0, 0, 0, [0, 1 << 32])
+    packed = RingWalker(QSIZE, packed=True)
+    with pytest.raises(ValueError, match="not bound"):
+        packed.pop_bound(0, 1, 0, 8)
+    packed.bind(table, DESC_GPA, 0x5000)
+    with pytest.raises(ValueError, match="out of range"):
+        packed.pop_bound(QSIZE, 1, 0, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        packed.pop_bound(0, 2, 0, 8)
+    table.release()
+    with pytest.raises(ValueError, match="live"):
+        walker.pop_bound(0, 0, 0, 8)
+    walker.unbind()
+    with pytest.raises(ValueError, match="live"):
+        walker.push_bound(0, 0, 0, [0, 0])
+
+
+# ---------------------------------------------------------------- chain data
+
+
+def segments(*pieces: tuple[int, int, int, bool]) -> array[int]:
+    """(region, offset, length, writable) per segment, in the walk's words."""
+    words = array("Q")
+    for region, offset, length, writable in pieces:
+        words += array("Q", [offset, length | region << 32 | writable << 63])
+    return words
+
+
+@pytest.fixture
+def two_regions() -> tuple[bytearray, bytearray, RegionTable]:
+    a, b = bytearray(0x1000), bytearray(0x1000)
+    return a, b, RegionTable([(0, a), (0x10000, b)])
+
+
+def test_chain_copies_cross_segments_and_regions(
+    two_regions: tuple[bytearray, bytearray, RegionTable],
+) -> None:
+    a, b, table = two_regions
+    segs = segments((0, 0x10, 4, True), (1, 0x20, 6, True), (0, 0x40, 8, True))
+    ptr = pin_segments(segs)
+    assert chain_write(table, ptr, 3, 0, 3, 2, b"0123456789ABCDEFXYZ") == 16
+    assert a[0x12:0x14] == b"01"
+    assert b[0x20:0x26] == b"234567"
+    assert a[0x40:0x48] == b"89ABCDEF"
+    out = bytearray(10)
+    assert chain_copy(table, ptr, 3, 1, 2, 3, out, False) == 10
+    assert bytes(out) == b"56789ABCDE"
+    assert chain_copy(table, ptr, 3, 0, 3, 100, out, False) == 0, "past the end"
+    assert chain_write(table, ptr, 3, 0, 1, 0, memoryview(b"wxyz")) == 4
+
+
+def test_chain_copies_refuse_what_they_cannot_do(
+    two_regions: tuple[bytearray, bytearray, RegionTable],
+) -> None:
+    _a, _b, table = two_regions
+    segs = segments((0, 0x10, 4, True), (1, 0xFF0, 0x20, True), (5, 0, 4, True))
+    ptr = pin_segments(segs)
+    with pytest.raises(IndexError, match="outside the batch"):
+        chain_write(table, ptr, 3, 2, 2, 0, b"x")
+    with pytest.raises(OSError, match="outside its memory region"):
+        chain_write(table, ptr, 3, 1, 1, 0, b"x")
+    with pytest.raises(OSError, match="outside its memory region"):
+        chain_write(table, ptr, 3, 2, 1, 0, b"x")  # no region 5
+    with pytest.raises(BufferError):
+        chain_copy(table, ptr, 3, 0, 1, 0, b"read-only", False)
+    with pytest.raises(OverflowError):
+        chain_copy(table, ptr, 3, 0, 1, -1, bytearray(4), False)
+    with pytest.raises(TypeError, match="array"):
+        pin_segments(array("I", [1, 2]))
+    table.release()
+    with pytest.raises(TableReleasedError):
+        chain_write(table, ptr, 3, 0, 1, 0, b"x")
+
+
+def test_chain_file_io_both_ways(
+    two_regions: tuple[bytearray, bytearray, RegionTable], tmp_path: Path
+) -> None:
+    a, b, table = two_regions
+    content = os.urandom(0x100)
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    segs = segments((0, 0, 0x30, True), (1, 0x100, 0x50, True))
+    ptr = pin_segments(segs)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert chain_file_io(fd, table, ptr, 2, 0, 2, 0x10, 0x60, 0x20, True) == 0x60
+        assert a[0x10:0x30] + b[0x100:0x140] == content[0x20:0x80]
+        assert chain_file_io(fd, table, ptr, 2, 0, 2, 0, 0x80, 0xF0, True) == 0x10
+        a[0:0x30] = b"A" * 0x30
+        assert chain_file_io(fd, table, ptr, 2, 0, 1, 0, 0x30, 0x200, False) == 0x30
+        with pytest.raises(OSError, match="Invalid argument"):
+            chain_file_io(fd, table, ptr, 2, 0, 1, 0, 0x30, -1, True)
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[0x200:0x230] == b"A" * 0x30
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        chain_file_io(fd, table, ptr, 2, 0, 1, 0, 0x10, 0, True)

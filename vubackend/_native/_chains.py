@@ -1,0 +1,196 @@
+# Moving a popped chain's bytes in one call: chain_copy (to or from a flat
+# buffer) and chain_file_io (to or from a file, preadv/pwritev), over the
+# segment words of a walk (pinned with pin_segments) and the pinned
+# RegionTable it walked against.
+#
+# Rules of this module:
+# - Imported by vubackend._native after the helper passed its ABI checks,
+#   like _rings.py, whose RegionTable it uses.
+# - Python checks what only it can know (the table is live, the buffer is
+#   writable when it is the destination); C checks the rest before anything
+#   moves: the segment range against the array's length, every segment
+#   against its region (native.c, "chain data"). cffi refuses a negative
+#   number for an unsigned parameter (OverflowError).
+# - The GIL is released during the C call. A table released by another
+#   thread meanwhile cannot unmap the memory under the copy: each call holds
+#   the table's pins (read before the liveness check) until it returns;
+#   RegionTable.release marks the table, then drops its references only.
+# - These run once or twice per request: the checks are one expression, the
+#   messages are built only on the failing path.
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Final
+
+from vubackend._native import _atomics
+from vubackend._native._rings import RegionTable, TableReleasedError
+
+if TYPE_CHECKING:
+    from array import array
+
+    from cffi import FFI
+    from typing_extensions import Buffer
+
+__all__ = ["chain_copy", "chain_file_io", "chain_write", "pin_segments"]
+
+_ffi: Final = _atomics.ffi
+_from_buffer: Final = _ffi.from_buffer
+_copy: Final = _atomics.lib.vu_chain_copy
+_write: Final = _atomics.lib.vu_chain_write
+_file_io: Final = _atomics.lib.vu_chain_file_io
+
+
+def pin_segments(segs: array[int]) -> FFI.CData:
+    """Pin a walk's segment words (``array('Q')``, 2 per segment: the offset
+    in the region, then ``len | region << 32 | writable << 63``) for the
+    copies below; the array cannot be resized while the pointer lives.
+
+    Raises:
+        TypeError: ``segs`` is not an ``array('Q')``.
+    """
+    if getattr(segs, "typecode", None) != "Q":
+        raise TypeError("segment words must be an array('Q')")
+    return _from_buffer("uint64_t[]", segs)
+
+
+def _failed(result: int, what: str) -> Exception:
+    code = -result
+    if code == errno.ERANGE:
+        return IndexError(f"{what}: the segment range is outside the batch")
+    if code == errno.EFAULT:
+        return OSError(code, f"{what}: a segment lies outside its memory region")
+    return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def chain_copy(
+    table: RegionTable,
+    segs: FFI.CData,
+    nsegs: int,
+    first: int,
+    count: int,
+    skip: int,
+    buffer: Buffer,
+    to_chain: bool,
+) -> int:
+    """Copy between segments ``[first, first + count)`` of a walk, from byte
+    ``skip`` of them on, and ``buffer``, without the GIL.
+
+    Args:
+        table: the region table the segments were walked against (live).
+        segs: the walk's segment words, from :func:`pin_segments`.
+        nsegs: how many segments ``segs`` holds.
+        first: the first segment of the part (readable or writable).
+        count: its number of segments.
+        skip: bytes of the part to pass over (a cursor).
+        buffer: the flat side: copied from when ``to_chain``, else into (then
+            it must be writable).
+        to_chain: the direction.
+
+    Returns:
+        Bytes copied: ``len(buffer)``, or fewer at the end of the part.
+
+    Raises:
+        TableReleasedError: the table was released.
+        IndexError: the segment range is out of range.
+        OverflowError: a number is negative.
+        TypeError: ``buffer`` is not C-contiguous, or read-only when written.
+        OSError: a segment lies outside its region (EFAULT).
+    """
+    keep = table._pins  # held until we return, whoever releases the table
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    if to_chain:
+        flat = _from_buffer("uint8_t[]", buffer)
+    else:
+        flat = _from_buffer("uint8_t[]", buffer, require_writable=True)
+    result: int = _copy(
+        table._table, table._count, segs, nsegs, first, count, skip, flat, len(flat),
+        to_chain,
+    )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(result, "chain copy")
+    return result
+
+
+def chain_write(
+    table: RegionTable,
+    segs: FFI.CData,
+    nsegs: int,
+    first: int,
+    count: int,
+    skip: int,
+    data: Buffer,
+) -> int:
+    """:func:`chain_copy` into the chain (``to_chain``), from any buffer;
+    ``bytes`` are passed to C as they are, without pinning.
+
+    Returns:
+        Bytes copied: ``len(data)``, or fewer at the end of the part.
+
+    Raises:
+        As :func:`chain_copy`.
+    """
+    keep = table._pins
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    if type(data) is bytes:
+        result: int = _write(
+            table._table, table._count, segs, nsegs, first, count, skip, data,
+            len(data),
+        )  # fmt: skip
+    else:
+        src = _from_buffer("uint8_t[]", data)
+        result = _write(
+            table._table, table._count, segs, nsegs, first, count, skip, src,
+            len(src),
+        )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(result, "chain write")
+    return result
+
+
+def chain_file_io(
+    fd: int,
+    table: RegionTable,
+    segs: FFI.CData,
+    nsegs: int,
+    first: int,
+    count: int,
+    skip: int,
+    length: int,
+    offset: int,
+    to_chain: bool,
+) -> int:
+    """Read a file into the segments (``to_chain``: preadv) or write them to
+    it (pwritev), at most ``length`` bytes from byte ``skip`` of the part on,
+    at file position ``offset``; without the GIL. Arguments as
+    :func:`chain_copy`.
+
+    Returns:
+        Bytes moved; fewer than ``length`` at the end of the part, at the end
+        of the file, or when a later system call failed.
+
+    Raises:
+        TableReleasedError: the table was released.
+        IndexError: the segment range is out of range.
+        OverflowError: a number is negative.
+        OSError: the first system call failed (EINVAL for a negative file
+            offset), or a segment lies outside its region (EFAULT).
+    """
+    keep = table._pins
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    result: int = _file_io(
+        fd, to_chain, table._table, table._count, segs, nsegs, first, count, skip,
+        length, offset,
+    )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(
+            result, "preadv into a chain" if to_chain else "pwritev of a chain"
+        )
+    return result
