@@ -258,3 +258,33 @@ def test_a_snapshot_given_at_construction_is_taken_over(make_memfd: MakeMemfd) -
         assert current is mem
     atomic.close()
     assert count_mappings() == maps
+
+
+def test_a_lease_follows_the_current_table(make_memfd: MakeMemfd) -> None:
+    """A renewable lease: free while the table stays, renewed when it
+    changes (the new one leased before the old one is let go), and its
+    snapshot kept mapped only while it is current or not yet renewed."""
+    one, two = make_memfd(4 * PAGE, filled(1)), make_memfd(4 * PAGE, filled(2))
+    maps = count_mappings()
+    atomic = GuestMemoryAtomic()
+    atomic.set_mem_table([descriptor(one, 0, 4 * PAGE)])
+    lease = atomic.lease()
+    first = lease.current()
+    assert lease.current() is first
+    assert first.read_u32(G(0)) == 1
+    atomic.set_mem_table([descriptor(two, 0, 4 * PAGE)])
+    assert count_mappings() == maps + 2, "the leased table stays mapped"
+    lease.release_if_stale()
+    assert count_mappings() == maps + 1, "a stale lease is let go"
+    second = lease.current()
+    assert second is not first
+    assert second.read_u32(G(0)) == 2
+    lease.release_if_stale()
+    assert lease.current() is second, "a current lease is kept"
+    atomic.set_mem_table([descriptor(one, 0, 4 * PAGE)])
+    assert lease.current().read_u32(G(0)) == 1, "renewed at the next call"
+    assert count_mappings() == maps + 1
+    lease.release()
+    lease.release()
+    atomic.close()
+    assert count_mappings() == maps

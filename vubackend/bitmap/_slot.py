@@ -12,7 +12,7 @@
 #   because of a replacement (an extra bit is harmless, a missing one is
 #   silent data loss after migration).
 # - The slot owns the log it holds: replace() and close() close the previous
-#   one. With no log (logging off), a mark costs one attribute load.
+#   one. With no log (logging off), a mark costs one attribute load (`current`).
 
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ class DirtyLogSlot:
     replaces it for every region at once. Thread-safe.
     """
 
-    __slots__ = ("_log", "_swap_lock")
+    __slots__ = ("_swap_lock", "current")
+
+    current: DirtyLog | None
+    """The log marks go to now, or None (read it; do not assign it or close
+    it: use :meth:`replace`). A plain attribute, so that a writer can check
+    "is anyone logging?" for the price of one load."""
 
     def __init__(self, log: DirtyLog | None = None) -> None:
         """Create a slot.
@@ -43,14 +48,8 @@ class DirtyLogSlot:
             log: the initial log, or None for "not logging". The slot takes
                 ownership of it.
         """
-        self._log = log
+        self.current = log
         self._swap_lock = threading.Lock()
-
-    @property
-    def current(self) -> DirtyLog | None:
-        """The log marks go to now, or None. Do not close it yourself; use
-        :meth:`replace`."""
-        return self._log
 
     def replace(self, log: DirtyLog | None) -> None:
         """Make ``log`` the current log and close the previous one.
@@ -64,7 +63,7 @@ class DirtyLogSlot:
                 stop logging.
         """
         with self._swap_lock:
-            old, self._log = self._log, log
+            old, self.current = self.current, log
         if old is not None and old is not log:
             old.close()
 
@@ -84,11 +83,11 @@ class DirtyLogSlot:
             ValueError: ``offset`` or ``length`` is negative (only checked
                 while a log is set).
         """
-        log = self._log
+        log = self.current
         while log is not None and not log.try_mark_dirty(offset, length):
             # Closed between our load and our lease: it has been replaced
             # (or closed by hand, in which case stop rather than spin).
-            newer = self._log
+            newer = self.current
             if newer is log:
                 return
             log = newer
@@ -102,11 +101,11 @@ class DirtyLogSlot:
         Returns:
             False when no log is set; otherwise :meth:`DirtyLog.dirty_at`.
         """
-        log = self._log
+        log = self.current
         return log is not None and log.dirty_at(offset)
 
     def __repr__(self) -> str:
-        return f"<DirtyLogSlot {self._log!r}>"
+        return f"<DirtyLogSlot {self.current!r}>"
 
 
 @final
@@ -157,7 +156,7 @@ class RegionBitmap:
                 while a log is set).
         """
         # Without a log (the usual case) this is all a guest write pays.
-        log = self._slot._log
+        log = self._slot.current
         if log is None:
             return
         if offset < 0:

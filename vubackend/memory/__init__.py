@@ -6,7 +6,9 @@
   ``translate(gpa, length)`` across regions, frontend-address (ring address)
   translation, read/write helpers that mark the dirty bitmap.
 * :class:`GuestMemoryAtomic`: the session's current snapshot; readers lease
-  one with ``memory()``, the request handler swaps in new ones.
+  one with ``memory()`` (a :class:`MemoryGuard`), or follow it over a burst
+  of accesses with ``lease()`` (a :class:`MemoryLease`); the request handler
+  swaps in new ones.
 * :class:`MemoryBackend`, :class:`MmapBackend`, :func:`select_backend`: how
   regions are mapped, and what the backend lets the daemon advertise.
 * :class:`PostcopyBackend`, :class:`PostcopyFaults`: the postcopy backend
@@ -26,7 +28,7 @@
 """
 
 from vubackend.memory._addresses import MAX_MEM_SLOTS, FrontendAddress, GuestAddress
-from vubackend.memory._atomic import GuestMemoryAtomic, MemoryGuard
+from vubackend.memory._atomic import GuestMemoryAtomic, MemoryGuard, MemoryLease
 from vubackend.memory._backend import (
     BACKEND_PROTOCOL_FEATURES,
     PROTOCOL_FEATURE_PAGEFAULT,
@@ -73,6 +75,7 @@ __all__ = [
     "MappedRegion",
     "MemoryBackend",
     "MemoryGuard",
+    "MemoryLease",
     "MmapBackend",
     "OnDemandMapping",
     "PostcopyBackend",

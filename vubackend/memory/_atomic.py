@@ -30,7 +30,7 @@ from vubackend.memory._descriptor import RegionDescriptor, check_layout
 from vubackend.memory._guest_memory import GuestMemory
 from vubackend.memory._mmap_backend import MmapBackend
 
-__all__ = ["GuestMemoryAtomic", "MemoryGuard"]
+__all__ = ["GuestMemoryAtomic", "MemoryGuard", "MemoryLease"]
 
 
 @final
@@ -71,6 +71,68 @@ class MemoryGuard:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@final
+class MemoryLease:
+    """A renewable lease, from :meth:`GuestMemoryAtomic.lease`: it holds the
+    snapshot that was current at the last :meth:`current` call, and moves to
+    a newer one when a writer has replaced it.
+
+    For code that makes many short accesses in a row (a worker draining a
+    ring): :meth:`current` costs one identity check while the table is
+    unchanged, where a :class:`MemoryGuard` per access takes and drops a
+    lease each time. Release it promptly when the burst ends: the snapshot
+    it holds stays mapped until then. Not shared between threads.
+    """
+
+    __slots__ = ("_atomic", "_memory")
+
+    def __init__(self, atomic: GuestMemoryAtomic) -> None:
+        self._atomic = atomic
+        self._memory: GuestMemory | None = None
+
+    def current(self) -> GuestMemory:
+        """The current snapshot, leased until the next call that finds it
+        replaced, or :meth:`release`.
+
+        Raises:
+            InternalError: the current snapshot was closed by hand.
+        """
+        memory = self._memory
+        if memory is not None and memory is self._atomic._current:
+            return memory
+        return self._renew()
+
+    def _renew(self) -> GuestMemory:
+        # Lease the new snapshot before dropping the old one, so that a
+        # region shared by both is never unmapped in between.
+        atomic = self._atomic
+        fresh = atomic._current
+        while not fresh._take_lease():
+            # Retired between the load and the lease (as in memory()).
+            newer = atomic._current
+            if newer is fresh:
+                raise InternalError("the current guest memory snapshot was closed")
+            fresh = newer
+        old, self._memory = self._memory, fresh
+        if old is not None:
+            old._drop_lease()
+        return fresh
+
+    def release(self) -> None:
+        """Drop the lease, if any (the lease can be used again). Idempotent."""
+        memory, self._memory = self._memory, None
+        if memory is not None:
+            memory._drop_lease()
+
+    def release_if_stale(self) -> None:
+        """Drop the lease if a writer has replaced its snapshot (keep it
+        while it is current: the next :meth:`current` is then free)."""
+        memory = self._memory
+        if memory is not None and memory is not self._atomic._current:
+            self._memory = None
+            memory._drop_lease()
 
 
 @final
@@ -135,6 +197,12 @@ class GuestMemoryAtomic:
                 raise InternalError("the current guest memory snapshot was closed")
             current = newer
         return MemoryGuard(current)
+
+    def lease(self) -> MemoryLease:
+        """A renewable lease that follows the current snapshot (see
+        :class:`MemoryLease`); it holds nothing until its first ``current()``.
+        """
+        return MemoryLease(self)
 
     # ------------------------------------------------------------ writers
 
