@@ -287,17 +287,19 @@ def drive(
                     ("chain", c.head, c.ring_slots, c.descriptor_count, tuple(segs))
                 )
                 used.append((c.head, n))
-            if batches:
-                # add_used_heads per run of equal used lengths, in order.
-                k = 0
-                while k < len(used):
-                    j = k
-                    while j < len(used) and used[j][1] == used[k][1]:
-                        j += 1
+            # One push per run of equal used lengths, in order, on both paths:
+            # add_used_heads (batches) and add_used_many (chains) must then
+            # write the same used entries (IN_ORDER folds within one push).
+            k = 0
+            while k < len(used):
+                j = k
+                while j < len(used) and used[j][1] == used[k][1]:
+                    j += 1
+                if batches:
                     state.add_used_heads([h for h, _ in used[k:j]], used[k][1])
-                    k = j
-            else:
-                state.add_used_many(used)
+                else:
+                    state.add_used_many(used[k:j])
+                k = j
         outcome.append(("base", state.vring_base()))
     finally:
         state.close()

@@ -4,6 +4,8 @@ VringState on the same guest rings)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 from collections.abc import Sequence
 
@@ -13,6 +15,7 @@ from vubackend.daemon._inflight import InflightBuffer
 from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestMemoryAtomic
 from vubackend.vring import (
+    DescriptorChain,
     PackedDriverRing,
     QueueFeatures,
     SplitDriverRing,
@@ -95,6 +98,44 @@ def test_calls_follow_the_spec_order(harness: MakeHarness, native: bool) -> None
     with pytest.raises(ValueError):
         h.state.add_used(heads[0], 0)
     assert recorder.calls[-1][0] == "link"
+
+
+def test_a_drain_records_in_the_spec_order_and_clears_after_signalling(
+    harness: MakeHarness, native: bool
+) -> None:
+    """drain() with a tracker: each chain recorded before it is served, its
+    batch linked before used.idx moves, cleared after it moved; the clear
+    comes once the driver was signalled, and before the next pop."""
+    h = harness(packed=False, native=native, size=SIZE, event_idx=True)
+    recorder = Recorder(h)
+    h.state.set_inflight(recorder)
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    h.state.set_call(call)
+    heads = add(h, 2)
+    signalled_at: list[int] = []
+
+    def serve(chain: DescriptorChain) -> int:
+        if chain.head == heads[0]:
+            # The driver reuses nothing yet; a second batch comes later.
+            return 0
+        return 1
+
+    assert h.state.drain(serve) == 2
+    with contextlib.suppress(BlockingIOError):
+        signalled_at.append(os.eventfd_read(call))
+    assert signalled_at == [1]
+    split(h).collect()
+    again = add(h, 1)
+    assert h.state.drain(serve) == 1
+    assert recorder.calls == [
+        ("recover", [], 0),
+        ("begin", heads, 0),
+        ("link", heads, 0),
+        ("complete", heads, 2),
+        ("begin", again, 2),
+        ("link", again, 2),
+        ("complete", again, 3),
+    ]
 
 
 def test_pending_heads_are_resubmitted_first_after_a_reconnect(

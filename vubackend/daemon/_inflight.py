@@ -54,6 +54,12 @@ _ALIGN: Final = 64
 # u64 counter} per descriptor.
 _SPLIT_HEAD: Final = struct.Struct("=QHHHH")
 _SPLIT_DESC: Final = struct.Struct("=B5xHQ")
+# Fields the split trackers write on their own (offsets in the header and a
+# descriptor of _SPLIT_HEAD / _SPLIT_DESC).
+_U16: Final = struct.Struct("=H")
+_LAST_BATCH_AT: Final = 12
+_USED_IDX_AT: Final = 14
+_NEXT_AT: Final = 6
 # Packed: {u64 features; u16 version; u16 desc_num; u16 free_head;
 # u16 old_free_head; u16 used_idx; u16 old_used_idx; u8 used_wrap_counter;
 # u8 old_used_wrap_counter; u8 pad[7]} then DescStatePacked {u8 inflight;
@@ -432,22 +438,40 @@ class SplitQueueTracker:
         self._buffer = buffer
         self._queue = queue
         self._counter = buffer.split_max_counter(queue) + 1
-
-    def _valid(self, heads: Sequence[int]) -> list[int]:
-        size = self._buffer.queue_size
-        return [head for head in heads if 0 <= head < size]
+        # begin/link/complete run on every request of a ring: they write the
+        # region directly (its header, then 16-byte descriptors), as
+        # InflightBuffer's split_* methods do one field at a time.
+        self._map = buffer._map
+        self._start = buffer._region(queue)
+        self._desc0 = self._start + _SPLIT_HEAD.size
+        self._size = buffer.queue_size
 
     def begin(self, heads: Sequence[int]) -> None:
-        buffer, queue = self._buffer, self._queue
-        for head in self._valid(heads):
-            buffer.split_begin(queue, head, self._counter)
-            self._counter += 1
+        mapping, desc0, size = self._map, self._desc0, self._size
+        counter = self._counter
+        for head in heads:
+            if 0 <= head < size:
+                _SPLIT_DESC.pack_into(mapping, desc0 + 16 * head, 1, 0, counter)
+                counter += 1
+        self._counter = counter
 
     def link(self, heads: Sequence[int]) -> None:
-        self._buffer.split_link(self._queue, self._valid(heads))
+        # desc[i].next = last_batch_head; last_batch_head = i, in order.
+        mapping, desc0, size = self._map, self._desc0, self._size
+        at = self._start + _LAST_BATCH_AT
+        last = _U16.unpack_from(mapping, at)[0]
+        for head in heads:
+            if 0 <= head < size:
+                _U16.pack_into(mapping, desc0 + 16 * head + _NEXT_AT, last)
+                last = head
+        _U16.pack_into(mapping, at, last)
 
     def complete(self, heads: Sequence[int], used_idx: int) -> None:
-        self._buffer.split_clear(self._queue, self._valid(heads), used_idx)
+        mapping, desc0, size = self._map, self._desc0, self._size
+        for head in heads:
+            if 0 <= head < size:
+                mapping[desc0 + 16 * head] = 0  # the inflight flag
+        _U16.pack_into(mapping, self._start + _USED_IDX_AT, used_idx & 0xFFFF)
 
     def pending(self) -> list[int]:
         return self._buffer.split_pending(self._queue)

@@ -10,29 +10,52 @@
 #   ones: chain.write() can never reach guest memory outside the chain's
 #   device-writable buffers, whatever it is given (extra data is dropped and
 #   the count says so).
-# - Writes go through MappedRegion.write, which marks the region's dirty
-#   bitmap after copying (vhost-user-protocol.md §4.7, §5.4 rule 7).
-#   Memoryviews from writable_buffers() are raw: whoever writes through them
-#   marks the bitmap (mark_written does it for a byte count).
+# - Bytes move in one GIL-free native call per read, write or file
+#   transfer, whatever the number of segments (chain_copy, chain_file_io),
+#   through the pinned region table the chain was walked against; a batch
+#   whose table was released since (the ring moved to a new memory table)
+#   pins its own regions again. Snapshots with regions mapped on demand
+#   (Xen grants) have no table: their chains copy piece by piece through
+#   MappedRegion. Every write into the chain marks the dirty bitmap after
+#   copying (vhost-user-protocol.md §4.7, §5.4 rule 7). Memoryviews from
+#   writable_buffers() are raw: whoever writes through them marks the
+#   bitmap (mark_written does it for a byte count).
 # - Chains popped together share one ChainBatch: the flat record words and
 #   segment words of the C layout (native.c: 8 u32 per chain, 2 ints per
 #   segment), whichever path produced them. A chain is a batch and an index,
 #   so that popping costs one small object per chain and no per-descriptor
-#   Python work; the fields are read out of the batch when asked for.
+#   Python work; the few fields every request reads are copied into it.
+# - The per-request methods (read of a header, write, write_from_file,
+#   read_to_file) are the data path of every device: they compute little,
+#   check with single expressions, and leave messages to the failing path.
 # - A chain refers to the memory snapshot it was popped from. Used after that
 #   snapshot was unmapped, its reads and writes fail with ValueError from the
 #   released views; they never touch freed memory.
 
 from __future__ import annotations
 
+import os
+from array import array
 from collections.abc import MutableSequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Final, NamedTuple, final
 
+from vubackend._native import (
+    PEEK_BYTES,
+    RegionTable,
+    TableReleasedError,
+    chain_copy,
+    chain_file_io,
+    chain_write,
+    pin_segments,
+)
 from vubackend.memory import GuestAddress, MappedRegion
 
 if TYPE_CHECKING:
+    from cffi import FFI
     from typing_extensions import Buffer
+
+    from vubackend.vring._space import MemorySpace
 
 __all__ = ["ChainBatch", "ChainSegment", "DescriptorChain"]
 
@@ -62,18 +85,62 @@ class ChainBatch:
     :class:`DescriptorChain` objects when the data is needed. The records
     are the C layout (8 words per chain), shared by the chains."""
 
-    __slots__ = ("regions", "segs", "words")
+    __slots__ = (
+        "_bitmaps",
+        "_nsegs",
+        "_peek",
+        "_seg_ptr",
+        "_slot",
+        "_table",
+        "regions",
+        "segs",
+        "words",
+    )
 
     def __init__(
         self,
         words: MutableSequence[int],
         segs: MutableSequence[int],
-        regions: tuple[MappedRegion, ...],
+        space: MemorySpace,
+        table: RegionTable | None,
+        peek: bytes | None = None,
+        seg_ptr: FFI.CData | None = None,
     ) -> None:
-        # Lists from the Python walks, arrays (u32 / u64) from the C walks.
+        # words, segs: lists from the Python walks, arrays (u32 / u64) from
+        # the C walks; space: the snapshot's lookup tables; table: the
+        # pinned regions they were walked against, None when the snapshot
+        # has regions mapped on demand (no native copies then); peek: the
+        # first PEEK_BYTES of each chain's readable part, copied by the walk
+        # (native walks only); seg_ptr: segs, pinned (pin_segments).
         self.words = words
         self.segs = segs
-        self.regions = regions
+        self.regions = space.regions
+        self._table = table
+        self._bitmaps = space.bitmaps
+        self._slot = space.log_slot
+        self._seg_ptr = seg_ptr
+        self._nsegs = len(segs) // 2
+        self._peek = peek
+
+    @property
+    def native(self) -> bool:
+        """Whether the chains' bytes move through the native copies (the
+        snapshot has no region mapped on demand)."""
+        return self._table is not None
+
+    def _pin(self) -> FFI.CData:
+        segs = self.segs
+        if not isinstance(segs, array):
+            segs = self.segs = array("Q", segs)
+        ptr = self._seg_ptr = pin_segments(segs)
+        return ptr
+
+    def _repin(self) -> RegionTable:
+        # The ring moved on to a new memory table and released the one we
+        # were walked against: pin our own regions (ValueError if one was
+        # unmapped meanwhile). Nobody else releases this one.
+        table = self._table = RegionTable([(r.gpa, r.view) for r in self.regions])
+        return table
 
     def __len__(self) -> int:
         return len(self.words) // 8
@@ -100,7 +167,19 @@ class ChainBatch:
         record = batch.words[at : at + 8]
         base, nsegs = record[2], record[3]
         record[2] = 0
-        return cls(record, batch.segs[2 * base : 2 * (base + nsegs)], batch.regions)
+        copy = cls.__new__(cls)
+        copy.words = record
+        copy.segs = batch.segs[2 * base : 2 * (base + nsegs)]
+        copy.regions = batch.regions
+        copy._table = batch._table
+        copy._bitmaps = batch._bitmaps
+        copy._slot = batch._slot
+        copy._seg_ptr = None
+        copy._nsegs = nsegs
+        peek = batch._peek
+        first = at // 8 * PEEK_BYTES
+        copy._peek = None if peek is None else peek[first : first + PEEK_BYTES]
+        return copy
 
     @staticmethod
     def flatten(batches: list[ChainBatch]) -> list[DescriptorChain]:
@@ -111,12 +190,11 @@ class ChainBatch:
 
     def chains(self) -> list[DescriptorChain]:
         """One chain per record, in order."""
+        words = self.words
+        if len(words) == 8:
+            return [DescriptorChain(self, 0)]
         return list(
-            map(
-                DescriptorChain,
-                repeat(self, len(self.words) // 8),
-                range(0, len(self.words), 8),
-            )
+            map(DescriptorChain, repeat(self, len(words) // 8), range(0, len(words), 8))
         )
 
 
@@ -130,23 +208,53 @@ class DescriptorChain:
     The readable part (what the driver sent) is read with :meth:`read`,
     :meth:`readinto` and :meth:`read_all`, which advance a read cursor; the
     writable part is filled with :meth:`write`, which advances a write
-    cursor. :meth:`readable_buffers` and :meth:`writable_buffers` give the
-    raw memoryviews (they may span several regions, one view per piece).
+    cursor; :meth:`write_from_file` and :meth:`read_to_file` move bytes
+    between a file and the chain without a copy through Python.
+    :meth:`readable_buffers` and :meth:`writable_buffers` give the raw
+    memoryviews (they may span several regions, one view per piece).
     """
 
-    __slots__ = ("_at", "_batch", "_rpos", "_wpos")
+    __slots__ = (
+        "_at",
+        "_batch",
+        "_first",
+        "_nread",
+        "_nsegs",
+        "_rpos",
+        "_wpos",
+        "head",
+        "readable_len",
+        "writable_len",
+    )
+
+    head: int
+    """The id to hand back in ``add_used``: the head descriptor's index
+    (split ring) or the buffer id (packed ring). Read-only."""
+    readable_len: int
+    """Total bytes of the device-readable buffers. Read-only."""
+    writable_len: int
+    """Total bytes of the device-writable buffers. Read-only."""
 
     def __init__(self, batch: ChainBatch, at: int) -> None:
-        # Private: the queues build chains from checked walks.
+        # Private: the queues build chains from checked walks. What every
+        # request reads is copied out of the record here (a property per
+        # read would cost more).
         self._batch = batch
         self._at = at
         self._rpos = 0
         self._wpos = 0
+        words = batch.words
+        self.head = words[at]
+        self._first = words[at + 2]
+        self._nsegs = words[at + 3]
+        self._nread = words[at + 4]
+        self.readable_len = words[at + 5]
+        self.writable_len = words[at + 6]
 
     def _pieces(self, first: int, last: int) -> list[tuple[MappedRegion, int, int]]:
         # (region, offset, length) of segments [first, last) of this chain.
         batch = self._batch
-        base = batch.words[self._at + 2]
+        base = self._first
         segs = batch.segs
         regions = batch.regions
         out: list[tuple[MappedRegion, int, int]] = []
@@ -157,21 +265,7 @@ class DescriptorChain:
             )
         return out
 
-    @property
-    def _nsegs(self) -> int:
-        return self._batch.words[self._at + 3]
-
-    @property
-    def _nread(self) -> int:
-        return self._batch.words[self._at + 4]
-
     # ------------------------------------------------------------ facts
-
-    @property
-    def head(self) -> int:
-        """The id to hand back in ``add_used``: the head descriptor's index
-        (split ring) or the buffer id (packed ring)."""
-        return self._batch.words[self._at]
 
     @property
     def ring_slots(self) -> int:
@@ -183,16 +277,6 @@ class DescriptorChain:
         """Buffer descriptors in the chain (indirect entries included, the
         descriptor pointing to an indirect table not)."""
         return self._batch.words[self._at + 7]
-
-    @property
-    def readable_len(self) -> int:
-        """Total bytes of the device-readable buffers."""
-        return self._batch.words[self._at + 5]
-
-    @property
-    def writable_len(self) -> int:
-        """Total bytes of the device-writable buffers."""
-        return self._batch.words[self._at + 6]
 
     @property
     def bytes_read(self) -> int:
@@ -228,6 +312,19 @@ class DescriptorChain:
         """
         return [r.window[o : o + n] for r, o, n in self._pieces(0, self._nread)]
 
+    def buffers(self) -> tuple[list[memoryview], list[memoryview]]:
+        """:meth:`readable_buffers` and :meth:`writable_buffers` in one call
+        (one walk over the segments).
+
+        Returns:
+            The readable views and the writable views.
+        """
+        nread = self._nread
+        pieces = self._pieces(0, self._nsegs)
+        readable = [r.window[o : o + n] for r, o, n in pieces[:nread]]
+        writable = [r.window[o : o + n] for r, o, n in pieces[nread:]]
+        return readable, writable
+
     def writable_buffers(self) -> list[memoryview]:
         """The device-writable buffers as memoryviews of guest memory.
 
@@ -258,11 +355,35 @@ class DescriptorChain:
             ValueError: the memory was unmapped since the chain was popped.
         """
         dst = memoryview(out).cast("B")
-        want = min(dst.nbytes, self.readable_len - self._rpos)
+        rpos = self._rpos
+        want = min(dst.nbytes, self.readable_len - rpos)
         if want <= 0:
             return 0
+        batch = self._batch
+        table = batch._table
+        if table is not None:
+            ptr = batch._seg_ptr or batch._pin()
+            part = dst[:want]
+            try:
+                done = chain_copy(
+                    table,
+                    ptr,
+                    batch._nsegs,
+                    self._first,
+                    self._nread,
+                    rpos,
+                    part,
+                    False,
+                )
+            except TableReleasedError:
+                done = chain_copy(
+                    batch._repin(), ptr, batch._nsegs, self._first, self._nread, rpos,
+                    part, False,
+                )  # fmt: skip
+            self._rpos = rpos + done
+            return done
         done = 0
-        skip = self._rpos
+        skip = rpos
         for region, offset, length in self._pieces(0, self._nread):
             if skip >= length:
                 skip -= length
@@ -289,8 +410,16 @@ class DescriptorChain:
         Raises:
             ValueError: the memory was unmapped since the chain was popped.
         """
-        left = self.readable_len - self._rpos
-        n = left if size < 0 else min(size, left)
+        rpos = self._rpos
+        left = self.readable_len - rpos
+        n = left if size < 0 or size > left else size
+        if rpos == 0 and n <= PEEK_BYTES:
+            peek = self._batch._peek
+            if peek is not None:
+                # A request header: copied by the walk that popped the chain.
+                first = self._at // 8 * PEEK_BYTES
+                self._rpos = n
+                return peek[first : first + n]
         out = bytearray(n)
         got = self.readinto(out)
         return bytes(out[:got])
@@ -323,11 +452,41 @@ class DescriptorChain:
         Raises:
             ValueError: the memory was unmapped since the chain was popped.
         """
-        src = data if isinstance(data, bytes) else memoryview(data).cast("B")
-        want = min(len(src), self.writable_len - self._wpos)
-        if want <= 0:
+        src = data if type(data) is bytes else memoryview(data).cast("B")
+        start = self._wpos
+        room = self.writable_len - start
+        if len(src) > room:
+            if room <= 0:
+                return 0
+            src = src[:room]
+        elif not src:
             return 0
-        view = memoryview(src)
+        batch = self._batch
+        table = batch._table
+        if table is None:
+            return self._write_by_pieces(memoryview(src))
+        nread = self._nread
+        ptr = batch._seg_ptr or batch._pin()
+        try:
+            done = chain_write(
+                table, ptr, batch._nsegs, self._first + nread, self._nsegs - nread,
+                start, src,
+            )  # fmt: skip
+        except TableReleasedError:
+            done = chain_write(
+                batch._repin(), ptr, batch._nsegs, self._first + nread,
+                self._nsegs - nread, start, src,
+            )  # fmt: skip
+        self._wpos = start + done
+        slot = batch._slot
+        if slot is None or slot.current is not None:
+            self._mark(start, done)
+        return done
+
+    def _write_by_pieces(self, view: memoryview) -> int:
+        # Regions mapped on demand: piece by piece through MappedRegion.write
+        # (which marks the bitmap).
+        want = len(view)
         done = 0
         skip = self._wpos
         for region, offset, length in self._pieces(self._nread, self._nsegs):
@@ -343,6 +502,131 @@ class DescriptorChain:
         self._wpos += done
         return done
 
+    # ------------------------------------------------------------ files
+
+    def write_from_file(self, fd: int, count: int, offset: int) -> int:
+        """Read up to ``count`` bytes of the file ``fd`` at ``offset`` into
+        the writable part at the write cursor (``preadv`` straight into guest
+        memory, without the GIL); mark them in the dirty bitmap and advance
+        the cursor. rust-vmm's ``Writer::write_from_at``.
+
+        Args:
+            fd: a readable file descriptor (positioned reads: a regular file
+                or a block device).
+            count: bytes wanted; capped at the room left.
+            offset: the file position.
+
+        Returns:
+            Bytes read: fewer than asked at the end of the file or of the
+            writable part.
+
+        Raises:
+            OSError: the read failed (nothing was read).
+            ValueError: the memory was unmapped since the chain was popped.
+        """
+        start = self._wpos
+        want = self.writable_len - start
+        if count < want:
+            want = count
+        if want <= 0:
+            return 0
+        batch = self._batch
+        table = batch._table
+        if table is None:
+            return self._file_by_pieces(fd, want, offset, into_chain=True)
+        nread = self._nread
+        ptr = batch._seg_ptr or batch._pin()
+        first, count, nsegs = self._first + nread, self._nsegs - nread, batch._nsegs
+        try:
+            done = chain_file_io(
+                fd, table, ptr, nsegs, first, count, start, want, offset, True
+            )
+        except TableReleasedError:
+            table = batch._repin()
+            done = chain_file_io(
+                fd, table, ptr, nsegs, first, count, start, want, offset, True
+            )
+        self._wpos = start + done
+        slot = batch._slot
+        if slot is None or slot.current is not None:
+            self._mark(start, done)
+        return done
+
+    def read_to_file(self, fd: int, count: int, offset: int) -> int:
+        """Write up to ``count`` bytes of the readable part, from the read
+        cursor, to the file ``fd`` at ``offset`` (``pwritev`` straight from
+        guest memory, without the GIL); advance the cursor. rust-vmm's
+        ``Reader::read_to_at``.
+
+        Returns:
+            Bytes written: fewer than asked at the end of the readable part
+            (or when the file took fewer).
+
+        Raises:
+            OSError: the write failed (nothing was written).
+            ValueError: the memory was unmapped since the chain was popped.
+        """
+        rpos = self._rpos
+        want = self.readable_len - rpos
+        if count < want:
+            want = count
+        if want <= 0:
+            return 0
+        batch = self._batch
+        table = batch._table
+        if table is None:
+            return self._file_by_pieces(fd, want, offset, into_chain=False)
+        ptr = batch._seg_ptr or batch._pin()
+        first, count, nsegs = self._first, self._nread, batch._nsegs
+        try:
+            done = chain_file_io(
+                fd, table, ptr, nsegs, first, count, rpos, want, offset, False
+            )
+        except TableReleasedError:
+            table = batch._repin()
+            done = chain_file_io(
+                fd, table, ptr, nsegs, first, count, rpos, want, offset, False
+            )
+        self._rpos = rpos + done
+        return done
+
+    def _file_by_pieces(
+        self, fd: int, want: int, offset: int, *, into_chain: bool
+    ) -> int:
+        # Regions mapped on demand: through a bounce buffer and the chain's
+        # piece-by-piece copies.
+        buffer = bytearray(want)
+        if into_chain:
+            got = os.preadv(fd, [buffer], offset)
+            return self.write(memoryview(buffer)[:got])
+        start = self._rpos
+        got = self.readinto(buffer)
+        put = os.pwritev(fd, [memoryview(buffer)[:got]], offset)
+        self._rpos = start + put
+        return put
+
+    def _mark(self, start: int, length: int) -> None:
+        # Mark [start, start + length) of the writable part dirty, piece by
+        # piece (a bitmap without a log returns at once).
+        if length <= 0:
+            return
+        batch = self._batch
+        segs = batch.segs
+        bitmaps = batch._bitmaps
+        first = self._first
+        for k in range(first + self._nread, first + self._nsegs):
+            meta = segs[2 * k + 1]
+            n = meta & _LEN_MASK
+            if start >= n:
+                start -= n
+                continue
+            piece = min(n - start, length)
+            bitmaps[meta >> 32 & _REGION_MASK].mark_dirty(segs[2 * k] + start, piece)
+            length -= piece
+            start = 0
+            if not length:
+                return
+
     def mark_written(self, length: int) -> None:
         """Record that the first ``length`` bytes of the writable part were
         written through :meth:`writable_buffers`: mark them in the dirty
@@ -357,14 +641,9 @@ class DescriptorChain:
         wlen = self.writable_len
         if not 0 <= length <= wlen:
             raise ValueError(f"length {length} is not in 0..{wlen}")
-        left = length
-        for region, offset, n in self._pieces(self._nread, self._nsegs):
-            if left == 0:
-                break
-            n = min(n, left)
-            region.bitmap.mark_dirty(offset, n)
-            left -= n
-        self._wpos = max(self._wpos, length)
+        self._mark(0, length)
+        if length > self._wpos:
+            self._wpos = length
 
     def __repr__(self) -> str:
         return (

@@ -254,6 +254,8 @@ class PackedRing:
         self._devpart: RingPart = space.part(
             self._device, EVENT_SUPPRESSION_SIZE, 4, "device event suppression area"
         )
+        if self._native:
+            self._walker.bind(space.table(), self._desc, self._driver)
         self._space = space
         return space
 
@@ -264,6 +266,16 @@ class PackedRing:
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise RingStateError(f"queue is broken: {self._broken}")
+
+    def _use(self, mem: GuestMemory) -> MemorySpace:
+        # _check_usable and _bind in one call: this runs on every data-path
+        # call, and the usual answer is "not broken, same snapshot".
+        if self._broken is not None:
+            raise RingStateError(f"queue is broken: {self._broken}")
+        space = self._space
+        if space is not None and space.memory is mem:
+            return space
+        return self._bind(mem)
 
     # ------------------------------------------------------------ popping
 
@@ -285,8 +297,7 @@ class PackedRing:
                 now broken.
             RingStateError: the ring is broken or not inside guest memory.
         """
-        self._check_usable()
-        space = self._bind(mem)
+        space = self._use(mem)
         if self._native and space.native_walks:
             batches, fault = self._pop_native(space, max_chains)
         else:
@@ -306,33 +317,28 @@ class PackedRing:
         flags = RING_INDIRECT if self._indirect else 0
         batches: list[ChainBatch] = []
         count = 0
-        regions = space.regions
-        table = space.table()
+        walker = self._walker
         while True:
             # The C walk does rules 2 and 3 itself (native.c, "Ring walks").
-            r = self._walker.packed_pop(
-                table,
-                self._desc,
-                self._next_avail,
-                self._avail_wrap,
-                flags=flags,
-                max_chains=max_chains - count,
+            stop, n, self._next_avail, self._avail_wrap = walker.pop_bound(
+                self._next_avail, self._avail_wrap, flags, max_chains - count
             )
-            self._next_avail = r.next_avail
-            self._avail_wrap = r.avail_wrap
-            if r.stop is RingStop.RING:
+            if n:
+                words, segs, peek, ptr = walker.take(n)
+                batches.append(ChainBatch(words, segs, space, space.pinned, peek, ptr))
+                count += n
+            if stop is RingStop.EMPTY:
+                return batches, None
+            if stop is RingStop.RING:
                 raise RingStateError(
-                    f"packed descriptor ring at {r.detail:#x} is not inside one "
-                    f"guest memory region, or not aligned in host memory"
+                    f"packed descriptor ring at {walker.last_pop(stop).detail:#x} is "
+                    f"not inside one guest memory region, or not aligned in host "
+                    f"memory"
                 )
-            if r.chains:
-                batches.append(ChainBatch(r.chains, r.segments, regions))
-                count += len(r.chains) // 8
-            if r.stop is RingStop.FAULT:
+            if stop is RingStop.FAULT:
+                r = walker.last_pop(stop)
                 return batches, (r.fault, r.detail, r.where)
-            if r.stop is RingStop.FULL or (
-                r.stop is RingStop.LIMIT and count < max_chains
-            ):
+            if stop is RingStop.FULL or (stop is RingStop.LIMIT and count < max_chains):
                 continue
             return batches, None
 
@@ -375,7 +381,7 @@ class PackedRing:
                 slot -= size
                 wrap ^= 1
         self._next_avail, self._avail_wrap = slot, wrap
-        batches = [ChainBatch(words, segs, space.regions)] if words else []
+        batches = [ChainBatch(words, segs, space, space.io_table())] if words else []
         return batches, fault
 
     def read_slots(self, start: int, count: int) -> list[PackedDesc]:
@@ -404,8 +410,7 @@ class PackedRing:
             The chains, and the ids whose records are malformed (not
             returned; the caller forgets them).
         """
-        self._check_usable()
-        space = self._bind(mem)
+        space = self._use(mem)
         inflight = self._walker.inflight
         words: list[int] = []
         segs: list[int] = []
@@ -435,7 +440,8 @@ class PackedRing:
                 continue
             inflight[ident] = walk.wlen | slots << 32
             walk.record(ident, slots, words, segs)
-        return ChainBatch(words, segs, space.regions).chains(), bad
+        batch = ChainBatch(words, segs, space, space.io_table())
+        return batch.chains(), bad
 
     # ------------------------------------------------------------ used side
 
@@ -449,29 +455,34 @@ class PackedRing:
                 exceeds the chain's writable bytes.
             RingStateError: the ring is not inside guest memory.
         """
-        space = self._bind(mem)
+        space = self._space
+        if space is None or space.memory is not mem:
+            self._bind(mem)
         old, old_wrap = self._next_used, self._used_wrap
         if self._native:
-            r = self._walker.packed_push(
-                space.table(),
-                self._desc,
-                old,
-                old_wrap,
-                entries,
-                flags=RING_IN_ORDER if self._in_order else 0,
-            )
-            if r.stop is RingStop.RING:
-                raise RingStateError(
-                    f"packed descriptor ring at {self._desc:#x} is not inside one "
-                    f"guest memory region, or not aligned in host memory"
+            walker = self._walker
+            flags = RING_IN_ORDER if self._in_order else 0
+            if len(entries) == 2:
+                stop, new, new_wrap = walker.push_one(
+                    old, old_wrap, flags, entries[0], entries[1]
                 )
-            if r.stop is RingStop.FAULT:
+            else:
+                stop, new, new_wrap = walker.push_bound(old, old_wrap, flags, entries)
+            if stop is not RingStop.EMPTY:
+                if stop is RingStop.RING:
+                    raise RingStateError(
+                        f"packed descriptor ring at {self._desc:#x} is not inside "
+                        f"one guest memory region, or not aligned in host memory"
+                    )
+                r = walker.last_push(stop)
                 raise ValueError(
                     f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
                 )
-            new, new_wrap = r.next_used, r.used_wrap
         else:
             new, new_wrap = self._push_python(entries)
+        self._pushed(old, old_wrap, new, new_wrap)
+
+    def _pushed(self, old: int, old_wrap: int, new: int, new_wrap: int) -> None:
         self._next_used, self._used_wrap = new, new_wrap
         # Slots the used position moved: at most one lap, since every slot
         # completed was popped first.
@@ -549,8 +560,7 @@ class PackedRing:
         Returns:
             True if a chain is available: process it before waiting.
         """
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         self._notify = True
         self._set_device_flags(RING_EVENT_FLAGS_ENABLE)
         # ORDERING: §5.4 rule 6: full fence between re-enabling and re-checking.
@@ -560,8 +570,7 @@ class PackedRing:
     def available(self, mem: GuestMemory) -> bool:
         """Whether the driver has made a chain available at the next slot
         (one acquire load of its flags; no fence, no re-arm)."""
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         return self._available()
 
     def _available(self) -> bool:
@@ -573,8 +582,7 @@ class PackedRing:
 
     def disable_notification(self, mem: GuestMemory) -> None:
         """Tell the driver not to kick (event suppression DISABLE)."""
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         self._notify = False
         self._set_device_flags(RING_EVENT_FLAGS_DISABLE)
 
@@ -590,10 +598,16 @@ class PackedRing:
         part = self._drvpart
         # Between publishing used descriptors and reading the driver's event
         # suppression structure.
-        # ORDERING: §5.4 rule 5: full fence (virtio §2.8.10).
-        fence_seq_cst()
-        # ORDERING: acquire load of the driver's flags (after the fence above).
-        flags = part.atomic.load_u16(part.offset + 2) & 3
+        # ORDERING: §5.4 rule 5: full fence, then acquire load of the flags.
+        word = part.atomic.fence_load_u16(part.offset + 2) << 16
+        # ORDERING: acquire load of off_wrap (after the fence above).
+        word |= part.atomic.load_u16(part.offset)
+        return self._decide(word)
+
+    def _decide(self, word: int) -> bool:
+        # The notification decision from the driver event suppression area,
+        # read after the fence: off_wrap | flags << 16. Updates the state.
+        flags = word >> 16 & 3
         new = (self._next_used, self._used_wrap)
         old = self._signalled
         valid = self._signalled_valid and self._since_signal < self._size
@@ -608,8 +622,7 @@ class PackedRing:
             return True
         if new == old:
             return False
-        # ORDERING: acquire load of off_wrap (after the fence above).
-        off_wrap = part.atomic.load_u16(part.offset)
+        off_wrap = word & 0xFFFF
         off = off_wrap & _POS_MASK
         new_pos, old_pos = new[0], old[0]
         if new_pos <= old_pos:
@@ -617,6 +630,47 @@ class PackedRing:
         if off_wrap >> PACKED_WRAP_BIT != self._used_wrap:
             off -= self._size
         return need_event(off & 0xFFFF, new_pos, old_pos & 0xFFFF)
+
+    def complete(self, mem: GuestMemory, entries: Sequence[int]) -> tuple[bool, bool]:
+        """:meth:`push`, then whether the driver wants an interrupt (as
+        :meth:`needs_notification`) and whether a chain is available at the
+        next slot, after one full fence (§5.4 rules 5 and 6).
+
+        Returns:
+            ``(signal, more)``.
+
+        Raises:
+            ValueError: as :meth:`push`; nothing was written.
+            RingStateError: the ring is not inside guest memory.
+        """
+        if not self._native:
+            self.push(mem, entries)
+            part = self._drvpart
+            # ORDERING: §5.4 rules 5 and 6: full fence, then the driver's flags.
+            word = part.atomic.fence_load_u16(part.offset + 2) << 16
+            # ORDERING: acquire load of off_wrap (after the fence above).
+            word |= part.atomic.load_u16(part.offset)
+            return self._decide(word), self._available()
+        space = self._space
+        if space is None or space.memory is not mem:
+            self._bind(mem)
+        old, old_wrap = self._next_used, self._used_wrap
+        walker = self._walker
+        stop, new, new_wrap, word, more = walker.complete(
+            old, old_wrap, RING_IN_ORDER if self._in_order else 0, entries
+        )
+        if stop is not RingStop.EMPTY:
+            if stop is RingStop.RING:
+                raise RingStateError(
+                    f"packed ring part at {walker.last_push(stop).detail:#x} is not "
+                    f"inside one guest memory region, or not aligned in host memory"
+                )
+            r = walker.last_push(stop)
+            raise ValueError(
+                f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
+            )
+        self._pushed(old, old_wrap, new, new_wrap)
+        return self._decide(word), more
 
     def __repr__(self) -> str:
         return (

@@ -25,7 +25,8 @@
 #   fix-up), sets next_used = used.idx and next_avail = used.idx + pending
 #   (the spec's last_avail_idx), and the pending heads, oldest first, are
 #   returned by the next pops before any new available entry. reset()
-#   detaches it.
+#   detaches it. The recording itself is _queue_inflight.py's QueueInflight;
+#   without a tracker the data path goes straight to the engine.
 # - Packed rings (a PackedInflightTracker): each popped chain's ring
 #   descriptors are recorded; attaching takes the used position and wrap
 #   counter from the record (next avail = used + the pending chains'
@@ -40,11 +41,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Final, cast, final
+from itertools import chain as iter_chain
+from typing import Final, final
 
 from vubackend._native import RingWalker
 from vubackend.bitmap import Bitmap
-from vubackend.errors import DescriptorChainError, RingStateError
+from vubackend.errors import RingStateError
 from vubackend.memory import GuestAddress, GuestMemory
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import (
@@ -53,14 +55,10 @@ from vubackend.vring._defs import (
     QueueFeatures,
 )
 from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
-from vubackend.vring._readback import guest_used_idx, packed_used_reader
+from vubackend.vring._queue_inflight import QueueInflight
+from vubackend.vring._readback import guest_used_idx
 from vubackend.vring._split import SplitRing, check_split_config
-from vubackend.vring._tracker import (
-    AnyInflightTracker,
-    InflightTracker,
-    PackedDesc,
-    PackedInflightTracker,
-)
+from vubackend.vring._tracker import AnyInflightTracker, PackedInflightTracker
 
 __all__ = ["Queue"]
 
@@ -83,6 +81,7 @@ class Queue:
         "_avail_wrap",
         "_engine",
         "_features",
+        "_inflight",
         "_log",
         "_log_addr",
         "_max_size",
@@ -90,10 +89,7 @@ class Queue:
         "_next_avail",
         "_next_used",
         "_ready",
-        "_resubmit",
-        "_resubmit_packed",
         "_size",
-        "_tracker",
         "_used_explicit",
         "_used_wrap",
         "_walker",
@@ -124,9 +120,8 @@ class Queue:
         self._log: Bitmap | None = None
         self._log_addr: int | None = None
         self._features = QueueFeatures()
-        self._tracker: AnyInflightTracker | None = None
-        self._resubmit: list[int] = []
-        self._resubmit_packed: list[tuple[int, list[PackedDesc]]] = []
+        # The inflight tracking, while a tracker is attached.
+        self._inflight: QueueInflight | None = None
         self.reset()
 
     # ------------------------------------------------------------ configuration
@@ -146,9 +141,7 @@ class Queue:
         self._used_explicit = False
         self._log = None
         self._log_addr = None
-        self._tracker = None
-        self._resubmit = []
-        self._resubmit_packed = []
+        self._inflight = None
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -389,8 +382,8 @@ class Queue:
         self._next_avail, self._avail_wrap = avail, avail_wrap
         self._next_used, self._used_wrap = used, used_wrap
         self._used_explicit = self._features.packed
-        self._resubmit = []
-        self._resubmit_packed = []
+        if self._inflight is not None:
+            self._inflight.forget_resubmissions()
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -472,31 +465,11 @@ class Queue:
         limit = self._size if max_chains is None else max_chains
         if limit <= 0:
             return []
-        engine = self._ring(mem)
-        chains: list[DescriptorChain] = []
-        if self._resubmit or self._resubmit_packed:
-            chains = self._pop_resubmitted(mem, engine, limit)
-            if len(chains) >= limit:
-                return chains
-        start = engine.positions[0] if isinstance(engine, PackedRing) else 0
-        try:
-            popped = engine.pop(mem, limit - len(chains))
-        except DescriptorChainError:
-            if chains:
-                return chains  # the next call raises again
-            raise
-        tracker = self._tracker
-        if tracker is not None and popped:
-            if isinstance(engine, PackedRing):
-                tracker = cast("PackedInflightTracker", tracker)
-                records = []
-                for chain in popped:
-                    records.append(engine.read_slots(start, chain.ring_slots))
-                    start = (start + chain.ring_slots) % self._size
-                tracker.begin_chains(records)
-            else:
-                cast("InflightTracker", tracker).begin([c.head for c in popped])
-        return chains + popped if chains else popped
+        engine = self._engine or self._ring(mem)
+        inflight = self._inflight
+        if inflight is None:
+            return engine.pop(mem, limit)  # the usual case
+        return inflight.pop(mem, engine, limit)
 
     def pop_batches(
         self, mem: GuestMemory, max_chains: int | None = None
@@ -515,21 +488,11 @@ class Queue:
         limit = self._size if max_chains is None else max_chains
         if limit <= 0:
             return []
-        engine = self._ring(mem)
-        tracker = self._tracker
-        if (
-            self._resubmit
-            or self._resubmit_packed
-            or (tracker is not None and isinstance(engine, PackedRing))
-        ):
-            # Rare paths (resubmission after a reconnect, packed inflight
-            # records): through the per-chain pop.
-            return [ChainBatch.of(c) for c in self.pop_chains(mem, max_chains)]
-        batches = engine.pop_batches(mem, limit)
-        if tracker is not None and batches:
-            heads = [head for batch in batches for head in batch.heads]
-            cast("InflightTracker", tracker).begin(heads)
-        return batches
+        engine = self._engine or self._ring(mem)
+        inflight = self._inflight
+        if inflight is None:
+            return engine.pop_batches(mem, limit)
+        return inflight.pop_batches(mem, engine, limit)
 
     def add_used_heads(
         self, mem: GuestMemory, heads: Sequence[int], length: int = 0
@@ -551,29 +514,6 @@ class Queue:
         flat = [length] * (2 * len(heads))
         flat[0::2] = heads
         self._push(mem, flat)
-
-    def _pop_resubmitted(
-        self, mem: GuestMemory, engine: SplitRing | PackedRing, limit: int
-    ) -> list[DescriptorChain]:
-        # The heads stay recorded (same counters): they are in flight.
-        tracker = self._tracker
-        if isinstance(engine, PackedRing):
-            records = self._resubmit_packed[:limit]
-            self._resubmit_packed = self._resubmit_packed[limit:]
-            chains, bad = engine.resubmit(mem, records)
-            if bad and tracker is not None:
-                cast("PackedInflightTracker", tracker).drop(bad)
-        else:
-            heads, self._resubmit = self._resubmit[:limit], self._resubmit[limit:]
-            chains, bad = engine.resubmit(mem, heads)
-            if bad and tracker is not None:
-                # Malformed now: forgotten, as a malformed new chain is consumed.
-                tracker.complete(bad, engine.next_used)
-        if bad and not chains:
-            raise DescriptorChainError(
-                f"resubmitted descriptor chain(s) at head(s) {bad} are malformed"
-            )
-        return chains
 
     def pop_chain(self, mem: GuestMemory) -> DescriptorChain | None:
         """Pop one chain, or None if none is available.
@@ -611,37 +551,54 @@ class Queue:
             ValueError: an entry is invalid; nothing was written.
             RingStateError: the queue is not ready.
         """
-        flat = [value for pair in used for value in pair]
+        flat = list(iter_chain.from_iterable(used))
         if flat:
             self._push(mem, flat)
 
+    def plain_engine(self, mem: GuestMemory) -> SplitRing | PackedRing | None:
+        """The ring engine, when this queue adds nothing to its pops and
+        pushes (no inflight tracker): a drain then calls it directly. None
+        otherwise. Builds the engine if needed.
+
+        Raises:
+            RingStateError: the queue is not ready or not in guest memory.
+        """
+        engine = self._engine or self._ring(mem)
+        return engine if self._inflight is None else None
+
+    def complete(self, mem: GuestMemory, flat: list[int]) -> tuple[bool, bool]:
+        """Return chains (``flat``: ``[head, length, ...]``, one publication)
+        and say whether the driver wants an interrupt and whether more chains
+        are available (one full fence for both; the engines' ``complete``).
+        With an inflight tracker, call :meth:`settle` after signalling.
+
+        Returns:
+            ``(signal, more)``; ``more`` may be True when unsure (the next
+            pop tells).
+
+        Raises:
+            ValueError: an entry is invalid; nothing was written.
+            RingStateError: the queue is not ready, broken, or not in memory.
+        """
+        engine = self._engine or self._ring(mem)
+        inflight = self._inflight
+        if inflight is None:
+            return engine.complete(mem, flat)
+        return inflight.complete(mem, engine, flat)
+
+    def settle(self) -> None:
+        """Finish the inflight record of the last :meth:`complete` (clear
+        its heads, record ``used_idx``); a no-op without a tracker."""
+        if self._inflight is not None:
+            self._inflight.settle()
+
     def _push(self, mem: GuestMemory, flat: Sequence[int]) -> None:
-        engine = self._ring(mem)
-        tracker = self._tracker
-        if tracker is None:
+        engine = self._engine or self._ring(mem)
+        inflight = self._inflight
+        if inflight is None:
             engine.push(mem, flat)
-            return
-        heads = list(flat[0::2])
-        # The spec's order (§4.9): link the batch, write the used ring and
-        # publish used.idx, clear the flags, record used_idx. A push that
-        # fails writes nothing; its link is then never looked at (used_idx
-        # still matches used->idx).
-        recordable = all(0 <= head < self._size for head in heads)
-        if recordable:
-            tracker.link(heads)
-        if isinstance(engine, PackedRing):
-            try:
-                engine.push(mem, flat)
-            except Exception:
-                if recordable:
-                    cast("PackedInflightTracker", tracker).unlink()
-                raise
-            if recordable:
-                tracker.complete(heads, self.next_used)
-            return
-        engine.push(mem, flat)
-        if recordable and isinstance(engine, SplitRing):
-            tracker.complete(heads, engine.next_used)
+        else:
+            inflight.push(mem, engine, flat)
 
     # ------------------------------------------------------------ inflight
 
@@ -651,15 +608,13 @@ class Queue:
         Returns:
             0.
         """
-        self._tracker = None
-        self._resubmit = []
-        self._resubmit_packed = []
+        self._inflight = None
         return 0
 
     @property
     def inflight_tracker(self) -> AnyInflightTracker | None:
         """The attached inflight tracker, or None."""
-        return self._tracker
+        return None if self._inflight is None else self._inflight.tracker
 
     def set_inflight(self, mem: GuestMemory, tracker: AnyInflightTracker | None) -> int:
         """Attach an inflight tracker (INFLIGHT_SHMFD) to the configured
@@ -685,47 +640,27 @@ class Queue:
         if self._features.packed != packed_tracker:
             kind = "packed" if self._features.packed else "split"
             raise RingStateError(f"the inflight tracker does not fit a {kind} ring")
-        if isinstance(tracker, PackedInflightTracker):
-            return self._set_inflight_packed(mem, tracker)
-        used = self.used_idx(mem)
-        pending = tracker.recover(used)
-        self._drop()
-        self._next_used = used
-        self._used_explicit = True
-        self._next_avail = (used + len(pending)) & 0xFFFF
-        if self._walker is not None:
-            self._walker.clear_inflight()
-        self._tracker = tracker
-        self._resubmit = list(pending)
-        return len(pending)
-
-    def _set_inflight_packed(
-        self, mem: GuestMemory, tracker: PackedInflightTracker
-    ) -> int:
-        if self._addresses is None:
-            raise RingStateError("queue addresses are not set")
-        desc, size = self._addresses[0], self._size
-
-        published = packed_used_reader(mem, desc, size)
-        used, used_wrap, pending = tracker.recover_packed(size, published)
-        if not 0 <= used < size:
-            raise RingStateError(
-                f"recorded used position {used} is not below the queue size {size}"
+        inflight = QueueInflight(tracker, self._size)
+        if packed_tracker:
+            if self._addresses is None:
+                raise RingStateError("queue addresses are not set")
+            used, used_wrap, avail, avail_wrap, pending = inflight.attach_packed(
+                mem, self._addresses[0]
             )
-        avail, avail_wrap = used + sum(len(d) for _, d in pending), used_wrap & 1
-        while avail >= size:
-            avail -= size
-            avail_wrap ^= 1
-        self._drop()
-        self._next_used, self._used_wrap = used, used_wrap & 1
-        self._next_avail, self._avail_wrap = avail, avail_wrap
+            self._drop()
+            self._next_used, self._used_wrap = used, used_wrap
+            self._next_avail, self._avail_wrap = avail, avail_wrap
+        else:
+            used = self.used_idx(mem)
+            pending = inflight.attach_split(used)
+            self._drop()
+            self._next_used = used
+            self._next_avail = (used + pending) & 0xFFFF
         self._used_explicit = True
         if self._walker is not None:
             self._walker.clear_inflight()
-        self._tracker = tracker
-        self._resubmit = []
-        self._resubmit_packed = list(pending)
-        return len(pending)
+        self._inflight = inflight
+        return pending
 
     def enable_notification(self, mem: GuestMemory) -> bool:
         """Re-enable kicks and re-check for work.
@@ -736,7 +671,7 @@ class Queue:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
-        return self._ring(mem).enable_notification(mem)
+        return (self._engine or self._ring(mem)).enable_notification(mem)
 
     def poll_available(self, mem: GuestMemory, timeout: float) -> bool:
         """Busy-poll for up to ``timeout`` seconds until the driver makes a
@@ -752,7 +687,7 @@ class Queue:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
-        engine = self._ring(mem)
+        engine = self._engine or self._ring(mem)
         deadline = time.monotonic() + timeout
         while True:
             if engine.available(mem):
@@ -766,7 +701,7 @@ class Queue:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
-        self._ring(mem).disable_notification(mem)
+        (self._engine or self._ring(mem)).disable_notification(mem)
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt now.
@@ -777,7 +712,7 @@ class Queue:
         Raises:
             RingStateError: the queue is not ready.
         """
-        return self._ring(mem).needs_notification(mem)
+        return (self._engine or self._ring(mem)).needs_notification(mem)
 
     def used_idx(self, mem: GuestMemory) -> int:
         """Split rings: ``used.idx`` as it is in guest memory (packed: the

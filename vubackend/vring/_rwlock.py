@@ -1,7 +1,9 @@
 # RwLock: a readers-writer lock (the standard library has none).
 #
 # Rules of this module:
-# - Many readers or one writer. Built on one threading.Condition.
+# - Many readers or one writer. Built on one threading.Condition, whose
+#   mutex is entered directly (`with self._mutex`): Condition.__enter__ is a
+#   Python frame, and the uncontended paths here run on every ring call.
 # - Phase-fair, so nobody starves: a reader that arrives while a writer holds
 #   or waits for the lock waits; when that writer releases, every reader
 #   that was waiting by then goes in before the next writer (a generation
@@ -32,10 +34,22 @@ class ReadSide:
         self._lock = lock
 
     def __enter__(self) -> None:
-        self._lock.acquire_read()
+        lock = self._lock
+        # The uncontended case inline (this runs on every kick); anything
+        # else takes the full, phase-fair path.
+        with lock._mutex:
+            if not (lock._writer or lock._waiting_writers):
+                lock._readers += 1
+                return
+        lock.acquire_read()
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.release_read()
+        lock = self._lock
+        with lock._mutex:
+            if lock._readers > 1 or (lock._readers == 1 and not lock._waiting_writers):
+                lock._readers -= 1
+                return
+        lock.release_read()
 
 
 @final
@@ -48,10 +62,22 @@ class WriteSide:
         self._lock = lock
 
     def __enter__(self) -> None:
-        self._lock.acquire_write()
+        lock = self._lock
+        with lock._mutex:
+            if not (lock._writer or lock._readers or lock._turn):
+                lock._writer = True
+                return
+        lock.acquire_write()
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.release_write()
+        lock = self._lock
+        with lock._mutex:
+            if lock._writer and not (lock._waiting_readers or lock._waiting_writers):
+                lock._writer = False
+                lock._generation += 1
+                lock._turn = 0
+                return
+        lock.release_write()
 
 
 @final
@@ -65,6 +91,7 @@ class RwLock:
     __slots__ = (
         "_cond",
         "_generation",
+        "_mutex",
         "_readers",
         "_turn",
         "_waiting_readers",
@@ -75,7 +102,8 @@ class RwLock:
     )
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
@@ -91,7 +119,7 @@ class RwLock:
 
     def acquire_read(self) -> None:
         """Block until the lock is held shared."""
-        with self._cond:
+        with self._mutex:
             if self._writer or self._waiting_writers:
                 generation = self._generation
                 self._waiting_readers += 1
@@ -120,7 +148,7 @@ class RwLock:
         Raises:
             RuntimeError: the lock is not held shared.
         """
-        with self._cond:
+        with self._mutex:
             if self._readers <= 0:
                 raise RuntimeError("release_read of a lock not held for reading")
             self._readers -= 1
@@ -130,7 +158,7 @@ class RwLock:
 
     def acquire_write(self) -> None:
         """Block until the lock is held exclusively."""
-        with self._cond:
+        with self._mutex:
             self._waiting_writers += 1
             try:
                 while self._writer or self._readers or self._turn:
@@ -148,7 +176,7 @@ class RwLock:
         Raises:
             RuntimeError: the lock is not held exclusively.
         """
-        with self._cond:
+        with self._mutex:
             if not self._writer:
                 raise RuntimeError("release_write of a lock not held for writing")
             self._writer = False

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import final
 
 from vubackend._native import AtomicView, RegionTable
+from vubackend.bitmap import Bitmap, DirtyLogSlot, RegionBitmap
 from vubackend.errors import RingStateError, UnmappedAddressError
 from vubackend.memory import GuestAddress, GuestMemory, MappedRegion
 
@@ -49,29 +50,54 @@ class RingPart:
 class MemorySpace:
     """Lookup tables of one guest memory snapshot for the ring code."""
 
-    __slots__ = ("_table", "memory", "native_walks", "regions", "sizes", "starts")
+    __slots__ = (
+        "bitmaps",
+        "log_slot",
+        "memory",
+        "native_walks",
+        "pinned",
+        "regions",
+        "sizes",
+        "starts",
+    )
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.regions: tuple[MappedRegion, ...] = memory.regions
+        self.bitmaps: tuple[Bitmap, ...] = tuple(r.bitmap for r in self.regions)
+        # The one dirty-log slot every region marks, when there is one: a
+        # writer then checks `log_slot.current` before marking anything.
+        # None: regions of mixed kinds; mark through each region's bitmap.
+        slots = {
+            id(b.slot): b.slot for b in self.bitmaps if isinstance(b, RegionBitmap)
+        }
+        self.log_slot: DirtyLogSlot | None = None
+        if len(slots) == 1 and all(isinstance(b, RegionBitmap) for b in self.bitmaps):
+            self.log_slot = next(iter(slots.values()))
         self.starts: list[int] = [r.gpa for r in self.regions]
         self.sizes: list[int] = [r.size for r in self.regions]
         # The C walker reads indirect tables through the pinned views, which
         # an on-demand region does not have: such snapshots walk in Python.
         self.native_walks = not any(r.on_demand for r in self.regions)
-        self._table: RegionTable | None = None
+        # The native table once built (table()); None before.
+        self.pinned: RegionTable | None = None
 
     def table(self) -> RegionTable:
         """The pinned native region table (built on first use)."""
-        table = self._table
+        table = self.pinned
         if table is None:
             table = RegionTable([(r.gpa, r.view) for r in self.regions])
-            self._table = table
+            self.pinned = table
         return table
+
+    def io_table(self) -> RegionTable | None:
+        """The table popped chains copy through (:meth:`table`), or None
+        when a region is mapped on demand (no fixed mapping to pin)."""
+        return self.table() if self.native_walks else None
 
     def release(self) -> None:
         """Unpin the native table, if one was built. Idempotent."""
-        table, self._table = self._table, None
+        table, self.pinned = self.pinned, None
         if table is not None:
             table.release()
 

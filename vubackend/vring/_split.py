@@ -72,8 +72,8 @@ from typing import Final, final
 
 from vubackend._native import (
     RING_AVAIL_EVENT,
+    RING_EVENT_IDX,
     RING_INDIRECT,
-    PopResult,
     RingFault,
     RingStop,
     RingWalker,
@@ -94,7 +94,6 @@ from vubackend.vring._defs import (
     USED_ELEM,
     USED_F_NO_NOTIFY,
     QueueFeatures,
-    need_event,
     split_ring_sizes,
 )
 from vubackend.vring._space import MemorySpace, RingPart
@@ -141,10 +140,13 @@ class SplitRing:
     __slots__ = (
         "_apart",
         "_avail",
+        "_batch_cap",
         "_broken",
+        "_complete_flags",
         "_desc",
         "_dpart",
         "_event_idx",
+        "_fast",
         "_indirect",
         "_log",
         "_log_addr",
@@ -152,12 +154,15 @@ class SplitRing:
         "_next_avail",
         "_next_used",
         "_notify",
+        "_pop_flags",
+        "_pop_flags_event",
         "_signalled",
         "_signalled_valid",
         "_size",
         "_space",
         "_upart",
         "_used",
+        "_used_event",
         "_walker",
     )
 
@@ -191,9 +196,16 @@ class SplitRing:
         self._notify = True
         self._broken: str | None = None
         self._native = native
+        # Offset of used_event in the available ring.
+        self._used_event = RING_HEADER + AVAIL_ELEM * size
+        self._pop_flags = RING_INDIRECT if features.indirect else 0
+        self._pop_flags_event = self._pop_flags | RING_AVAIL_EVENT
+        self._complete_flags = RING_EVENT_IDX if features.event_idx else 0
+        self._batch_cap = walker.max_chains
         self._log: Bitmap | None = None
         self._log_addr: int | None = None
         self._space: MemorySpace | None = None
+        self._fast: MemorySpace | None = None
 
     # ------------------------------------------------------------ state
 
@@ -221,6 +233,7 @@ class SplitRing:
     def release(self) -> None:
         """Drop the memory binding (unpins the native region table)."""
         space, self._space = self._space, None
+        self._fast = None
         if space is not None:
             space.release()
 
@@ -236,7 +249,13 @@ class SplitRing:
         self._dpart: RingPart = space.part(self._desc, dlen, 1, "descriptor table")
         self._apart: RingPart = space.part(self._avail, alen, 2, "available ring")
         self._upart: RingPart = space.part(self._used, ulen, 4, "used ring")
+        if self._native:
+            self._walker.bind(space.table(), self._desc, self._avail, self._used)
         self._space = space
+        # pop's fast path: native walks on this snapshot, ring not broken.
+        self._fast = (
+            space if self._native and space.native_walks and not self._broken else None
+        )
         return space
 
     def _log_used(self, offset: int, length: int) -> None:
@@ -247,7 +266,18 @@ class SplitRing:
         if self._broken is not None:
             raise RingStateError(f"queue is broken: {self._broken}")
 
+    def _use(self, mem: GuestMemory) -> MemorySpace:
+        # _check_usable and _bind in one call: this runs on every data-path
+        # call, and the usual answer is "not broken, same snapshot".
+        if self._broken is not None:
+            raise RingStateError(f"queue is broken: {self._broken}")
+        space = self._space
+        if space is not None and space.memory is mem:
+            return space
+        return self._bind(mem)
+
     def _break(self, idx: int) -> RingStateError:
+        self._fast = None
         self._broken = (
             f"avail.idx {idx} is more than the queue size {self._size} ahead of "
             f"the next entry {self._next_avail}"
@@ -259,6 +289,38 @@ class SplitRing:
     def pop(self, mem: GuestMemory, max_chains: int) -> list[DescriptorChain]:
         """Pop up to ``max_chains`` available chains (see :meth:`pop_batches`,
         which this flattens)."""
+        space = self._fast
+        if space is not None and space.memory is mem and max_chains <= self._batch_cap:
+            # The usual case in one native call, without the batch list: the
+            # ring is bound to this snapshot and one walk can return all that
+            # was asked for. Any other outcome than "empty" or "limit" goes
+            # on through the general path, from this first result.
+            event = self._event_idx and self._notify
+            walker = self._walker
+            stop, count, next_avail, _, taken = walker.pop_take(
+                self._next_avail,
+                0,
+                self._pop_flags_event if event else self._pop_flags,
+                max_chains,
+            )
+            self._next_avail = next_avail
+            if taken is not None:
+                words, segs, peek, ptr = taken
+                batch = ChainBatch(words, segs, space, space.pinned, peek, ptr)
+            if stop is RingStop.EMPTY or stop is RingStop.LIMIT:
+                if self._log is not None and event:
+                    self._log_used(RING_HEADER + USED_ELEM * self._size, 2)
+                if taken is None:
+                    return []
+                if count == 1:
+                    return [DescriptorChain(batch, 0)]
+                return batch.chains()
+            # Anything else goes on through the general path, from here.
+            first = [batch] if taken is not None else []
+            batches, fault, broken_at = self._pop_native(
+                space, max_chains, event, (stop, count, first)
+            )
+            return ChainBatch.flatten(self._popped(batches, fault, broken_at, event))
         return ChainBatch.flatten(self.pop_batches(mem, max_chains))
 
     def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
@@ -274,15 +336,27 @@ class SplitRing:
                 consumed (the ring goes on with the one after).
             RingStateError: the ring is broken or not inside guest memory.
         """
-        self._check_usable()
-        space = self._bind(mem)
+        space = self._use(mem)
         event = self._event_idx and self._notify
         if self._native and space.native_walks:
             batches, fault, broken_at = self._pop_native(space, max_chains, event)
         else:
             batches, fault, broken_at = self._pop_python(space, max_chains, event)
-        if event:
+        return self._popped(batches, fault, broken_at, event)
+
+    def _popped(
+        self,
+        batches: list[ChainBatch],
+        fault: tuple[RingFault, int, int] | None,
+        broken_at: int | None,
+        event: bool,
+    ) -> list[ChainBatch]:
+        # The end of a pop, whichever walk did it: log avail_event, then a
+        # broken ring or a malformed chain (raised when nothing came before).
+        if event and self._log is not None:
             self._log_used(RING_HEADER + USED_ELEM * self._size, 2)
+        if broken_at is None and fault is None:
+            return batches
         if broken_at is not None:
             err = self._break(broken_at)
             if not batches:
@@ -310,43 +384,46 @@ class SplitRing:
         fence_seq_cst()
 
     def _pop_native(
-        self, space: MemorySpace, max_chains: int, event: bool
+        self,
+        space: MemorySpace,
+        max_chains: int,
+        event: bool,
+        first: tuple[RingStop, int, list[ChainBatch]] | None = None,
     ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None, int | None]:
-        flags = (RING_INDIRECT if self._indirect else 0) | (
-            RING_AVAIL_EVENT if event else 0
-        )
+        # first: a walk pop() already made (its stop, count and batch); its
+        # next_avail is already in place.
+        flags = self._pop_flags | (RING_AVAIL_EVENT if event else 0)
         batches: list[ChainBatch] = []
         count = 0
-        regions = space.regions
         walker = self._walker
-        table = space.table()
         while True:
             # The C walk does rules 1, 3 and 6 itself (native.c, "Ring walks").
-            r: PopResult = walker.split_pop(
-                table,
-                self._desc,
-                self._avail,
-                self._used,
-                self._next_avail,
-                flags=flags,
-                max_chains=max_chains - count,
-            )
-            self._next_avail = r.next_avail
-            if r.stop is RingStop.RING:
-                raise RingStateError(
-                    f"a split ring part at {r.detail:#x} is not inside one guest "
-                    f"memory region, or not aligned in host memory"
+            if first is not None:
+                stop, n, batches = first
+                first = None
+            else:
+                stop, n, self._next_avail, _ = walker.pop_bound(
+                    self._next_avail, 0, flags, max_chains - count
                 )
-            if r.chains:
-                batches.append(ChainBatch(r.chains, r.segments, regions))
-                count += len(r.chains) // 8
-            if r.stop is RingStop.BROKEN:
-                return batches, None, r.detail
-            if r.stop is RingStop.FAULT:
+                if n:
+                    words, segs, peek, ptr = walker.take(n)
+                    batches.append(
+                        ChainBatch(words, segs, space, space.pinned, peek, ptr)
+                    )
+            count += n
+            if stop is RingStop.EMPTY:
+                return batches, None, None
+            if stop is RingStop.RING:
+                raise RingStateError(
+                    f"a split ring part at {walker.last_pop(stop).detail:#x} is not "
+                    f"inside one guest memory region, or not aligned in host memory"
+                )
+            if stop is RingStop.BROKEN:
+                return batches, None, walker.last_pop(stop).detail
+            if stop is RingStop.FAULT:
+                r = walker.last_pop(stop)
                 return batches, (r.fault, r.detail, r.where), None
-            if r.stop is RingStop.FULL or (
-                r.stop is RingStop.LIMIT and count < max_chains
-            ):
+            if stop is RingStop.FULL or (stop is RingStop.LIMIT and count < max_chains):
                 continue
             return batches, None, None
 
@@ -408,7 +485,7 @@ class SplitRing:
             # ORDERING: release store of avail_event (§5.4 rule 6 re-arm).
             upart.atomic.store_u16(event_off, nxt)
         self._next_avail = nxt
-        batches = [ChainBatch(words, segs, space.regions)] if words else []
+        batches = [ChainBatch(words, segs, space, space.io_table())] if words else []
         return batches, fault, broken_at
 
     def resubmit(
@@ -425,8 +502,7 @@ class SplitRing:
         Raises:
             RingStateError: the ring is broken or not inside guest memory.
         """
-        self._check_usable()
-        space = self._bind(mem)
+        space = self._use(mem)
         dpart = self._dpart
         inflight = self._walker.inflight
         words: list[int] = []
@@ -450,7 +526,8 @@ class SplitRing:
                 continue
             inflight[head] = walk.wlen
             walk.record(head, 1, words, segs)
-        return ChainBatch(words, segs, space.regions).chains(), bad
+        batch = ChainBatch(words, segs, space, space.io_table())
+        return batch.chains(), bad
 
     # ------------------------------------------------------------ used ring
 
@@ -464,25 +541,108 @@ class SplitRing:
                 writable bytes.
             RingStateError: the used ring is not inside guest memory.
         """
-        space = self._bind(mem)
+        space = self._space
+        if space is None or space.memory is not mem:
+            space = self._bind(mem)
         old = self._next_used
         if self._native:
-            r = self._walker.split_push(space.table(), self._used, old, entries)
-            if r.stop is RingStop.RING:
-                raise RingStateError(
-                    f"used ring at {self._used:#x} is not inside one guest memory "
-                    f"region, or not aligned in host memory"
-                )
-            if r.stop is RingStop.FAULT:
+            walker = self._walker
+            if len(entries) == 2:
+                stop, new, _ = walker.push_one(old, 0, 0, entries[0], entries[1])
+            else:
+                stop, new, _ = walker.push_bound(old, 0, 0, entries)
+            if stop is not RingStop.EMPTY:
+                if stop is RingStop.RING:
+                    raise RingStateError(
+                        f"used ring at {self._used:#x} is not inside one guest "
+                        f"memory region, or not aligned in host memory"
+                    )
+                r = walker.last_push(stop)
                 raise ValueError(
                     f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
                 )
-            new = r.next_used
         else:
             new = self._push_python(entries)
+        self._pushed(old, new)
+
+    def _pushed(self, old: int, new: int) -> None:
+        # After used.idx moved from old to new: log the ring writes, and
+        # keep the notification state (as libvhost-user vu_queue_flush).
         self._next_used = new
         count = (new - old) & 0xFFFF
+        if self._log is None:
+            # The usual case, inline: nothing to log; the notification state
+            # as in _after_push.
+            if count:
+                since = (new - self._signalled) & 0xFFFF
+                if since >= 0x8000 or since < count:
+                    self._signalled_valid = False
+            return
         self._after_push(old, new, count)
+
+    def complete(self, mem: GuestMemory, entries: Sequence[int]) -> tuple[bool, bool]:
+        """:meth:`push`, then whether the driver wants an interrupt (as
+        :meth:`needs_notification`) and whether more chains are available,
+        after one full fence (§5.4 rules 5 and 6: the ``avail_event`` the
+        last pop left, or a NO_NOTIFY never set, is the re-arm).
+
+        Returns:
+            ``(signal, more)``.
+
+        Raises:
+            ValueError: as :meth:`push`; nothing was written.
+            RingStateError: the used or available ring is not inside guest
+                memory.
+        """
+        space = self._space
+        if space is None or space.memory is not mem:
+            space = self._bind(mem)
+        old = self._next_used
+        if not self._native:
+            self._pushed(old, self._push_python(entries))
+            apart = self._apart
+            # ORDERING: §5.4 rules 5 and 6: full fence, then the driver's words.
+            fence_seq_cst()
+            # ORDERING: acquire load of avail.flags (after the fence above).
+            word = apart.atomic.load_u16(apart.offset)
+            if self._event_idx:
+                # ORDERING: acquire load of used_event (after the fence above).
+                word |= apart.atomic.load_u16(apart.offset + self._used_event) << 16
+            # ORDERING: acquire load of avail.idx (§5.4 rule 1).
+            more = apart.atomic.load_u16(apart.offset + 2) != self._next_avail
+            return self._decide(word), more
+        walker = self._walker
+        stop, new, _, word, more = walker.complete(
+            old, 0, self._complete_flags, entries
+        )
+        if stop is not RingStop.EMPTY:
+            if stop is RingStop.RING:
+                raise RingStateError(
+                    f"a split ring part at {walker.last_push(stop).detail:#x} is "
+                    f"not inside one guest memory region, or not aligned in host "
+                    f"memory"
+                )
+            r = walker.last_push(stop)
+            raise ValueError(
+                f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
+            )
+        if self._log is not None or not self._event_idx:
+            self._pushed(old, new)
+            return self._decide(word), more
+        # _pushed and _decide, inline for the usual case (EVENT_IDX, nothing
+        # to log): this runs once per completion.
+        self._next_used = new
+        signalled = self._signalled
+        valid = self._signalled_valid
+        count = (new - old) & 0xFFFF
+        if valid and count:
+            since = (new - signalled) & 0xFFFF
+            valid = since < 0x8000 and since >= count
+        self._signalled = new
+        self._signalled_valid = True
+        if not valid:
+            return True, more
+        return (new - (word >> 16) - 1) & 0xFFFF < (new - signalled) & 0xFFFF, more
 
     def _push_python(self, entries: Sequence[int]) -> int:
         inflight = self._walker.inflight
@@ -536,8 +696,7 @@ class SplitRing:
         Returns:
             True if buffers are available: process them before waiting.
         """
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         upart = self._upart
         self._notify = True
         if self._event_idx:
@@ -558,8 +717,7 @@ class SplitRing:
     def available(self, mem: GuestMemory) -> bool:
         """Whether the driver has made a chain available that was not popped
         yet (one acquire load of ``avail.idx``; no fence, no re-arm)."""
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         # ORDERING: acquire load of avail.idx (§5.4 rule 1).
         idx = self._apart.atomic.load_u16(self._apart.offset + 2)
         return idx != self._next_avail
@@ -567,8 +725,7 @@ class SplitRing:
     def disable_notification(self, mem: GuestMemory) -> None:
         """Tell the driver not to kick (NO_NOTIFY; with EVENT_IDX, stop moving
         ``avail_event``, so the driver kicks at most once more)."""
-        self._check_usable()
-        self._bind(mem)
+        self._use(mem)
         self._notify = False
         if not self._event_idx:
             # ORDERING: release store of used.flags (a hint; §2.7.10).
@@ -582,15 +739,23 @@ class SplitRing:
         Returns:
             True to signal the call eventfd.
         """
-        self._bind(mem)
+        space = self._space
+        if space is None or space.memory is not mem:
+            self._bind(mem)
         apart = self._apart
         # Between publishing used.idx and reading avail.flags / used_event.
-        # ORDERING: §5.4 rule 5: full fence (virtio §2.7.10).
-        fence_seq_cst()
+        # ORDERING: §5.4 rule 5: full fence, then acquire load of avail.flags.
+        word = apart.atomic.fence_load_u16(apart.offset)
+        if self._event_idx:
+            # ORDERING: acquire load of used_event (after the fence above).
+            word |= apart.atomic.load_u16(apart.offset + self._used_event) << 16
+        return self._decide(word)
+
+    def _decide(self, word: int) -> bool:
+        # The notification decision from the driver's words, read after the
+        # fence: avail.flags | used_event << 16. Updates the decision state.
         if not self._event_idx:
-            # ORDERING: acquire load of avail.flags (after the fence above).
-            flags = apart.atomic.load_u16(apart.offset)
-            return not flags & AVAIL_F_NO_INTERRUPT
+            return not word & AVAIL_F_NO_INTERRUPT
         new = self._next_used
         old = self._signalled
         valid = self._signalled_valid
@@ -598,11 +763,8 @@ class SplitRing:
         self._signalled_valid = True
         if not valid:
             return True
-        # ORDERING: acquire load of used_event (after the fence above).
-        event = apart.atomic.load_u16(
-            apart.offset + RING_HEADER + AVAIL_ELEM * self._size
-        )
-        return need_event(event, new, old)
+        # need_event (_defs.py), inline: this runs once per completion.
+        return (new - (word >> 16) - 1) & 0xFFFF < (new - old) & 0xFFFF
 
     def avail_idx(self, mem: GuestMemory) -> int:
         """``avail.idx`` as the driver last published it."""

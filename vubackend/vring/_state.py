@@ -3,10 +3,17 @@
 # (rust-vmm vhost-user-backend vring.rs, VringState).
 #
 # Rules of this module:
-# - Every call that touches guest memory takes a lease on the current
-#   snapshot (GuestMemoryAtomic.memory()) for its duration, so a new memory
-#   table is seen at the next call and an old one is never unmapped under
-#   it.
+# - Every call that touches guest memory works on a leased snapshot, so a
+#   new memory table is seen at the next call and an old one is never
+#   unmapped under it. Outside a hold, each call takes and drops its own
+#   lease (GuestMemoryAtomic.memory()). Under an exclusive hold (get_mut(),
+#   hold()/unhold()) the calls share one renewable lease (MemoryLease),
+#   which costs an identity check per call and still moves to a new table
+#   at the first call after the swap. That lease outlives the hold while its
+#   snapshot is current (the next drain then starts for free); it is dropped
+#   at the end of a hold that finds it stale, and whenever the request
+#   thread re-points the ring (set_queue_info, which every memory change
+#   does for configured rings), stops, resets or closes it.
 # - The eventfds are owned: set_kick/set_call/set_err take ownership of the
 #   fd they are given and close the one they replace; close() closes all.
 #   (In the seed these take `Option<File>`, which is ownership too.)
@@ -21,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
 from vubackend.errors import RingStateError
-from vubackend.memory import GuestAddress, GuestMemoryAtomic
+from vubackend.memory import GuestAddress, GuestMemory, GuestMemoryAtomic, MemoryLease
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import QueueFeatures
 from vubackend.vring._queue import Queue
@@ -58,8 +65,11 @@ class VringState:
         "_call",
         "_enabled",
         "_err",
+        "_hold_lease",
         "_kick",
+        "_kick_direct",
         "_kick_poll",
+        "_lease",
         "_log_on",
         "_mem",
         "_queue",
@@ -90,10 +100,38 @@ class VringState:
         # A poll object for the kick fd, made once per fd: read_kick runs on
         # every event of the data path.
         self._kick_poll: select.poll | None = None
+        self._kick_direct = False
         self._call: int | None = None
         self._err: int | None = None
         self._enabled = False
         self._log_on = False
+        # The lease of an exclusive hold (hold()/unhold()); made once.
+        self._lease: MemoryLease | None = None
+        self._hold_lease = mem.lease()
+
+    # ------------------------------------------------------------ holds
+
+    def hold(self) -> None:
+        """Start an exclusive hold: until :meth:`unhold`, data-path calls
+        share one renewable memory lease instead of taking one each.
+
+        The caller holds the vring's exclusive lock for the whole hold
+        (``VringMutex.get_mut()`` / ``VringRwLock.get_mut()`` do both).
+        """
+        if self._lease is None:
+            self._lease = self._hold_lease
+
+    def unhold(self) -> None:
+        """End the hold started by :meth:`hold`. Its lease is kept while
+        its snapshot is current (see :meth:`release_memory`)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release_if_stale()
+
+    def release_memory(self) -> None:
+        """Drop the memory lease kept between holds (the ring then pins no
+        snapshot). Called with the exclusive lock held, outside a hold."""
+        self._hold_lease.release()
 
     # ------------------------------------------------------------ parts
 
@@ -148,8 +186,136 @@ class VringState:
             RingStateError: the queue is not ready, is broken, or its rings
                 are not in guest memory.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.pop_chains(lease.current(), max_chains)
         with self._mem.memory() as mem:
             return self._queue.pop_chains(mem, max_chains)
+
+    def drain(
+        self,
+        serve: Callable[[DescriptorChain], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+    ) -> int:
+        """Serve every available chain, the way the best backends do it:
+        pop a batch, call ``serve(chain)`` for each (it returns the used
+        length: the bytes it wrote), return the batch with one publication,
+        signal the driver once if it wants an interrupt (EVENT_IDX
+        suppression honoured), and start again until the ring is empty. An
+        empty pop re-arms the driver's kick and looks once more (§5.4 rule
+        6), so nothing that arrives meanwhile waits for a kick that never
+        comes.
+
+        With ``busy_poll`` (seconds), kicks are turned off while the ring is
+        served, and an empty ring is polled that long for the next chain
+        before they are turned back on (and the ring checked once more).
+
+        Under :meth:`hold` (``get_mut()``) the whole drain uses the hold's
+        memory lease; otherwise it takes one for its duration.
+
+        Args:
+            serve: the device's work for one chain; returns the used length.
+            busy_poll: seconds to poll an empty ring before returning (0:
+                never).
+            max_chains: most chains per batch (default: the queue size).
+
+        Returns:
+            The number of chains served.
+
+        Raises:
+            DescriptorChainError: a malformed chain (the ones before it were
+                served); call again to go on.
+            RingStateError: the queue is not ready, broken, or not in guest
+                memory.
+            Exception: whatever ``serve`` raised (its chain and the rest of
+                its batch are then not returned).
+        """
+        if self._lease is not None:
+            return self._drain(serve, busy_poll, max_chains)
+        self.hold()
+        try:
+            return self._drain(serve, busy_poll, max_chains)
+        finally:
+            self.unhold()
+
+    def _drain(
+        self,
+        serve: Callable[[DescriptorChain], int],
+        busy_poll: float,
+        max_chains: int | None,
+    ) -> int:
+        lease = self._lease
+        assert lease is not None
+        queue = self._queue
+        limit = queue.size if max_chains is None else max_chains
+        if limit <= 0:
+            return 0
+        mem = lease.current()
+        # The engine itself when the queue adds nothing (no inflight
+        # tracker): one layer less on every pop and completion. The engine
+        # cannot change during the hold (that takes the ring's lock).
+        engine = queue.plain_engine(mem)
+        pop: Callable[[GuestMemory, int], list[DescriptorChain]]
+        complete: Callable[[GuestMemory, list[int]], tuple[bool, bool]]
+        settle: Callable[[], None] | None = None
+        if engine is not None:
+            pop, complete = engine.pop, engine.complete
+        else:
+            # Through the queue (an inflight tracker records each pop and
+            # completion; its record of a completion is finished by settle(),
+            # after the driver was signalled).
+            pop, complete, settle = queue.pop_chains, queue.complete, queue.settle
+        served = 0
+        if busy_poll:
+            queue.disable_notification(mem)
+        call = self._call
+        while True:
+            chains = pop(mem, limit)
+            if chains:
+                if len(chains) == 1:
+                    chain = chains[0]
+                    flat = [chain.head, serve(chain)]
+                else:
+                    flat = []
+                    for chain in chains:
+                        flat.append(chain.head)
+                        flat.append(serve(chain))
+                # One publication, one fence, then: interrupt? more work?
+                # (The avail_event the pop left is the re-arm: a chain added
+                # after it is seen here or kicked, §5.4 rule 6.) On the
+                # snapshot the chains came from: the lease still holds it.
+                signal, more = complete(mem, flat)
+                served += len(chains)
+                if signal and call is not None:
+                    # signal_used_queue, inline.
+                    self.calls += 1
+                    try:
+                        os.write(call, _ONE)
+                    except BlockingIOError:
+                        pass  # the counter is saturated: the driver wakes anyway
+                    except OSError as exc:
+                        raise RingStateError(
+                            f"cannot signal the call eventfd: {exc}"
+                        ) from exc
+                if settle is not None:
+                    settle()
+                if more or busy_poll:
+                    mem = lease.current()  # a new table, if one came meanwhile
+                    continue
+                return served
+            if not busy_poll:
+                return served
+            mem = lease.current()
+            if queue.poll_available(mem, busy_poll):
+                continue
+            # Kicks back on, then one more look: a chain that came in between
+            # would otherwise wait for a kick the driver suppressed.
+            if not queue.enable_notification(mem):
+                return served
+            queue.disable_notification(mem)
+            mem = lease.current()
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
         """Pop the available chains as batches, without an object per chain
@@ -160,6 +326,9 @@ class VringState:
             DescriptorChainError: as :meth:`pop_chains`.
             RingStateError: as :meth:`pop_chains`.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.pop_batches(lease.current(), max_chains)
         with self._mem.memory() as mem:
             return self._queue.pop_batches(mem, max_chains)
 
@@ -170,6 +339,10 @@ class VringState:
             ValueError: an entry is invalid; nothing was written.
             RingStateError: the queue is not ready.
         """
+        lease = self._lease
+        if lease is not None:
+            self._queue.add_used_heads(lease.current(), heads, length)
+            return
         with self._mem.memory() as mem:
             self._queue.add_used_heads(mem, heads, length)
 
@@ -183,6 +356,9 @@ class VringState:
             DescriptorChainError: the next chain is malformed.
             RingStateError: as :meth:`pop_chains`.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.pop_chain(lease.current())
         with self._mem.memory() as mem:
             return self._queue.pop_chain(mem)
 
@@ -199,6 +375,10 @@ class VringState:
                 writable bytes.
             RingStateError: the queue is not ready.
         """
+        lease = self._lease
+        if lease is not None:
+            self._queue.add_used(lease.current(), desc_index, length)
+            return
         with self._mem.memory() as mem:
             self._queue.add_used(mem, desc_index, length)
 
@@ -212,6 +392,10 @@ class VringState:
             ValueError: an entry is invalid; nothing was written.
             RingStateError: the queue is not ready.
         """
+        lease = self._lease
+        if lease is not None:
+            self._queue.add_used_many(lease.current(), used)
+            return
         with self._mem.memory() as mem:
             self._queue.add_used_many(mem, used)
 
@@ -224,6 +408,9 @@ class VringState:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.enable_notification(lease.current())
         with self._mem.memory() as mem:
             return self._queue.enable_notification(mem)
 
@@ -234,6 +421,9 @@ class VringState:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.poll_available(lease.current(), timeout)
         with self._mem.memory() as mem:
             return self._queue.poll_available(mem, timeout)
 
@@ -243,6 +433,10 @@ class VringState:
         Raises:
             RingStateError: the queue is not ready or is broken.
         """
+        lease = self._lease
+        if lease is not None:
+            self._queue.disable_notification(lease.current())
+            return
         with self._mem.memory() as mem:
             self._queue.disable_notification(mem)
 
@@ -256,6 +450,9 @@ class VringState:
         Raises:
             RingStateError: the queue is not ready.
         """
+        lease = self._lease
+        if lease is not None:
+            return self._queue.needs_notification(lease.current())
         with self._mem.memory() as mem:
             return self._queue.needs_notification(mem)
 
@@ -288,10 +485,15 @@ class VringState:
         Raises:
             RingStateError: as the two methods.
         """
-        if self.needs_notification():
+        lease = self._lease
+        if lease is not None:
+            needed = self._queue.needs_notification(lease.current())
+        else:
+            with self._mem.memory() as mem:
+                needed = self._queue.needs_notification(mem)
+        if needed:
             self.signal_used_queue()
-            return True
-        return False
+        return needed
 
     # ------------------------------------------------------------ configuration
 
@@ -308,6 +510,9 @@ class VringState:
         """
         self._queue.set_addresses(desc_table, avail_ring, used_ring)
         self._apply_log()
+        # Re-pointed (a memory change does this): the next hold leases the
+        # table that is current then.
+        self.release_memory()
 
     def set_queue_size(self, num: int) -> None:
         """Set the queue size (``SET_VRING_NUM``).
@@ -351,6 +556,8 @@ class VringState:
             ready: the new state.
         """
         self._queue.set_ready(ready)
+        if not ready:
+            self.release_memory()
 
     def queue_next_avail(self) -> int:
         """The next available position.
@@ -454,6 +661,7 @@ class VringState:
         """Reset the queue (positions, addresses, in-flight), disable it, and
         close the eventfds."""
         self._queue.reset()
+        self.release_memory()
         self._enabled = False
         self._log_on = False
         for fd in (self._kick, self._call, self._err):
@@ -533,17 +741,30 @@ class VringState:
             try:
                 # Never block: the worker calls this after epoll, but a
                 # spurious wakeup or a reader elsewhere may have emptied it.
+                # A non-blocking eventfd (QEMU's and DPDK's are) is read at
+                # once; any other is polled first.
                 poller = self._kick_poll
                 if poller is None:
                     poller = self._kick_poll = select.poll()
                     poller.register(fd, select.POLLIN)
-                if poller.poll(0):
+                    self._kick_direct = not os.get_blocking(fd)
+                if self._kick_direct or poller.poll(0):
                     os.read(fd, 8)
                     self.kicks += 1
             except BlockingIOError:
                 pass
             except OSError as exc:
                 raise RingStateError(f"cannot read the kick eventfd: {exc}") from exc
+        return self._enabled
+
+    def note_kick(self) -> bool:
+        """Count a kick reported by an edge-triggered wait on the kick fd
+        (which is then not read: see the daemon's worker).
+
+        Returns:
+            Whether the ring is enabled (a disabled ring's kick is ignored).
+        """
+        self.kicks += 1
         return self._enabled
 
     def signal_err(self) -> None:

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, final
 
@@ -45,16 +45,24 @@ class _Lock(Protocol):
 @final
 class VringGuard:
     """``with vring.get_mut() as state:``: the VringState, held under the
-    vring's lock for the ``with`` block."""
+    vring's lock for the ``with`` block.
 
-    __slots__ = ("_lock", "_state")
+    An exclusive guard (``get_mut``) also holds one renewable memory lease
+    for the block (:meth:`VringState.hold`), so a drain of many calls pays
+    for one lease, not one per call.
+    """
 
-    def __init__(self, state: VringState, lock: _Lock) -> None:
+    __slots__ = ("_exclusive", "_lock", "_state")
+
+    def __init__(self, state: VringState, lock: _Lock, *, exclusive: bool) -> None:
         self._state = state
         self._lock = lock
+        self._exclusive = exclusive
 
     def __enter__(self) -> VringState:
         self._lock.__enter__()
+        if self._exclusive:
+            self._state.hold()
         return self._state
 
     def __exit__(
@@ -63,7 +71,11 @@ class VringGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._lock.__exit__(exc_type, exc, tb)
+        try:
+            if self._exclusive:
+                self._state.unhold()
+        finally:
+            self._lock.__exit__(exc_type, exc, tb)
 
 
 class VringT(Protocol):
@@ -84,6 +96,16 @@ class VringT(Protocol):
 
     def poll_available(self, timeout: float) -> bool:
         """Busy-poll up to ``timeout`` seconds for a new available chain."""
+        ...
+
+    def drain(
+        self,
+        serve: Callable[[DescriptorChain], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+    ) -> int:
+        """Serve every available chain with ``serve`` until the ring is empty."""
         ...
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
@@ -194,6 +216,10 @@ class VringT(Protocol):
         """Consume a kick; returns the enabled flag."""
         ...
 
+    def note_kick(self) -> bool:
+        """Count a kick seen by an edge-triggered wait; the enabled flag."""
+        ...
+
     def set_call(self, fd: int | None) -> None:
         """Take ownership of a new call eventfd."""
         ...
@@ -218,12 +244,16 @@ class VringT(Protocol):
 class _LockedVring:
     # The shared implementation: `_shared` and `_exclusive` are the two sides
     # (the same mutex for VringMutex).
-    __slots__ = ("_exclusive", "_shared", "_state")
+    __slots__ = ("_exclusive", "_mut_guard", "_ref_guard", "_shared", "_state")
 
     def __init__(self, state: VringState, shared: _Lock, exclusive: _Lock) -> None:
         self._state = state
         self._shared = shared
         self._exclusive = exclusive
+        # Guards keep no state of their own: one of each serves every hold
+        # (get_mut runs once per drain of the data path).
+        self._ref_guard = VringGuard(state, shared, exclusive=False)
+        self._mut_guard = VringGuard(state, exclusive, exclusive=True)
 
     def get_ref(self) -> VringGuard:
         """The state, held under the shared side of the lock.
@@ -231,7 +261,7 @@ class _LockedVring:
         Returns:
             A guard: ``with vring.get_ref() as state: ...``.
         """
-        return VringGuard(self._state, self._shared)
+        return self._ref_guard
 
     def get_mut(self) -> VringGuard:
         """The state, held under the exclusive side of the lock.
@@ -239,7 +269,7 @@ class _LockedVring:
         Returns:
             A guard: ``with vring.get_mut() as state: ...``.
         """
-        return VringGuard(self._state, self._exclusive)
+        return self._mut_guard
 
     def pop_chains(self, max_chains: int | None = None) -> list[DescriptorChain]:
         """Pop the available descriptor chains (:meth:`VringState.pop_chains`).
@@ -262,6 +292,28 @@ class _LockedVring:
         the request thread is held off for at most ``timeout``."""
         with self._exclusive:
             return self._state.poll_available(timeout)
+
+    def drain(
+        self,
+        serve: Callable[[DescriptorChain], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+    ) -> int:
+        """Serve every available chain (:meth:`VringState.drain`), holding
+        the exclusive lock and one memory lease for the whole drain.
+
+        Returns:
+            The number of chains served.
+        """
+        # get_mut() and VringState.drain, inline (once per kick).
+        state = self._state
+        with self._exclusive:
+            state._lease = state._hold_lease  # hold()
+            try:
+                return state._drain(serve, busy_poll, max_chains)
+            finally:
+                state.unhold()
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
         """Pop the available chains as batches (:meth:`VringState.pop_batches`)."""
@@ -550,6 +602,21 @@ class _LockedVring:
         """
         with self._shared:
             return self._state.read_kick()
+
+    def note_kick(self) -> bool:
+        """Count a kick that an edge-triggered epoll reported (the worker's
+        way: the eventfd is not read); see :meth:`VringState.note_kick`.
+
+        Without the lock: it reads one flag and bumps a counter that only
+        the ring's worker writes, each a single step for the interpreter
+        (VringState.note_kick, inline: this runs once per kick).
+
+        Returns:
+            The enabled flag.
+        """
+        state = self._state
+        state.kicks += 1
+        return state._enabled
 
     def set_call(self, fd: int | None) -> None:
         """Take ownership of a new call eventfd.
