@@ -15,6 +15,13 @@
 # Kick fds are registered only while their ring is started and enabled; a
 # kick written meanwhile stays pending in the eventfd and fires when the fd
 # is registered again (no lost kicks, seed fix #343).
+#
+# Kick fds are edge-triggered (EPOLLET) and never read: every write to an
+# eventfd wakes its waiters, so each kick is an event of its own, and the
+# counter (which would take millennia to saturate) needs no read() on the
+# way to the device. A kick that arrives while the device runs is the next
+# event, so none is lost; one that arrived while the fd was unregistered
+# is reported when it is registered again (epoll checks readiness then).
 
 from __future__ import annotations
 
@@ -89,8 +96,14 @@ class VringEpollHandler:
         with self._lock:
             if fd in self._tokens:
                 raise FileExistsError(errno.EEXIST, f"fd {fd} is already registered")
-            self._epoll.register(fd, events)
+            # The token first: the worker may see the fd's first event before
+            # register() returns, and an edge-triggered event is not repeated.
             self._tokens[fd] = token
+            try:
+                self._epoll.register(fd, events)
+            except BaseException:
+                del self._tokens[fd]
+                raise
 
     def _remove(self, fd: int) -> None:
         with self._lock:
@@ -119,11 +132,11 @@ class VringEpollHandler:
         self._remove(fd)
 
     def register_kick(self, position: int, fd: int) -> None:
-        """Watch a ring's kick fd; idempotent."""
+        """Watch a ring's kick fd (edge-triggered); idempotent."""
         with self._lock:
             if self._tokens.get(fd) == position:
                 return
-        self._add(fd, select.EPOLLIN, position)
+        self._add(fd, select.EPOLLIN | select.EPOLLET, position)
 
     def unregister_kick(self, fd: int) -> None:
         """Stop watching a ring's kick fd; idempotent."""
@@ -145,9 +158,16 @@ class VringEpollHandler:
         os.close(self._exit_fd)
 
     def _run(self) -> None:
+        poll = self._epoll.poll
+        tokens = self._tokens
+        dispatch_lock = self._dispatch_lock
+        vrings = self._vrings
+        nrings = len(vrings)
+        handle_event = self._backend.handle_event
+        thread_id = self._thread_id
         while True:
             try:
-                events = self._epoll.poll()
+                events = poll()
             except OSError as exc:  # EINTR is retried by Python (PEP 475)
                 self._on_failure(self._thread_id, exc)
                 return
@@ -156,15 +176,19 @@ class VringEpollHandler:
                 # request thread can wait out the event in progress before it
                 # stops a ring (paused()); the token is looked up under it, so
                 # an event for a kick fd unregistered meanwhile is dropped.
-                with self._dispatch_lock:
-                    with self._lock:
-                        token = self._tokens.get(fd)
+                # (One dict.get is atomic; _lock orders the writers only.)
+                with dispatch_lock:
+                    token = tokens.get(fd)
                     if token is None:
                         continue  # unregistered while we were waking up
                     if token == _EXIT_TOKEN:
                         return
                     try:
-                        self._dispatch(token, evset)
+                        # A kick (edge-triggered: nothing to read); a disabled
+                        # ring's kick is not handed to the device.
+                        if token < nrings and not vrings[token].note_kick():
+                            continue
+                        handle_event(token, evset, vrings, thread_id)
                     except Exception as exc:
                         log.exception(
                             "worker %d: the device failed to handle event %d; "
@@ -197,12 +221,3 @@ class VringEpollHandler:
         finally:
             if acquired:
                 self._dispatch_lock.release()
-
-    def _dispatch(self, token: int, evset: int) -> None:
-        if token < len(self._vrings):
-            vring = self._vrings[token]
-            # read_kick consumes the eventfd and says whether the ring is
-            # enabled; a disabled ring's kick is not handed to the device.
-            if not vring.read_kick():
-                return
-        self._backend.handle_event(token, evset, self._vrings, self._thread_id)
