@@ -3,8 +3,11 @@
 # Rules of this module:
 # - Built only on the public daemon and vring APIs.
 # - Data moves between the image and guest memory with positioned vectored
-#   I/O straight into and out of the chain's guest buffers (no copy), or
-#   through an aligned bounce buffer when the image is opened with O_DIRECT.
+#   I/O straight into and out of the chain's guest buffers, one GIL-free
+#   native call per request (DescriptorChain.write_from_file /
+#   read_to_file), or through an aligned bounce buffer when the image is
+#   opened with O_DIRECT. Nothing here holds the GIL while it touches guest
+#   memory, so postcopy memory needs no special case.
 # - Ordering: virtio orders nothing between requests in flight, but a FLUSH
 #   covers every write completed before it. Each worker completes a write
 #   only after pwritev returned, and FLUSH runs fdatasync, so a completed
@@ -33,7 +36,6 @@ from typing import Final, final
 
 from vubackend.daemon import VhostUserBackend
 from vubackend.errors import DeviceError
-from vubackend.memory import GuestMemoryAtomic
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
 from vubackend.vring import DescriptorChain, VringT
 
@@ -43,6 +45,8 @@ log = logging.getLogger("vubackend.devices.blk")
 
 SECTOR: Final = 512
 HEADER: Final = struct.Struct("<IIQ")  # type, ioprio (reserved), sector
+HEADER_SIZE: Final = HEADER.size
+_unpack_header: Final = HEADER.unpack
 SEGMENT: Final = struct.Struct("<QII")  # discard/write-zeroes: sector, count, flags
 ID_BYTES: Final = 20
 CONFIG_SIZE: Final = 60
@@ -51,6 +55,7 @@ WRITEBACK_OFFSET: Final = 32
 # Request types and statuses (§5.2.6).
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+_STATUS_OK: Final = bytes((S_OK,))
 WRITE_ZEROES_UNMAP: Final = 1
 
 # Largest discard / write-zeroes request and segment count we advertise.
@@ -128,47 +133,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _skip(views: list[memoryview], count: int) -> list[memoryview]:
-    """The views without their first ``count`` bytes."""
-    out: list[memoryview] = []
-    for view in views:
-        if count >= len(view):
-            count -= len(view)
-            continue
-        out.append(view[count:] if count else view)
-        count = 0
-    return out
-
-
-def _scatter_into(views: list[memoryview], data: memoryview) -> None:
-    """Copy ``data`` into the concatenation of ``views``."""
-    done = 0
-    for view in views:
-        n = len(view)
-        view[:] = data[done : done + n]
-        done += n
-
-
-def _gather_from(views: list[memoryview], out: memoryview) -> None:
-    """Copy the concatenation of ``views`` into ``out``."""
-    done = 0
-    for view in views:
-        n = len(view)
-        out[done : done + n] = view
-        done += n
-
-
-def _trim(views: list[memoryview], length: int) -> list[memoryview]:
-    """The first ``length`` bytes of the views."""
-    out: list[memoryview] = []
-    for view in views:
-        if length <= 0:
-            break
-        out.append(view[:length] if len(view) > length else view)
-        length -= len(out[-1])
-    return out
 
 
 @final
@@ -273,10 +237,6 @@ class BlkDevice(VhostUserBackend):
         self.discard = discard and not read_only
         self._writeback = True
         self._flush_negotiated = False
-        # Whether guest memory may be touched through memoryviews (which
-        # hold the GIL); not with postcopy memory, where a missing page
-        # would stall every thread (see update_memory).
-        self._views = True
         self._local = threading.local()
 
     # ------------------------------------------------------------ lifetime
@@ -334,9 +294,6 @@ class BlkDevice(VhostUserBackend):
     def reset_device(self) -> None:
         self._writeback = True
 
-    def update_memory(self, memory: GuestMemoryAtomic) -> None:
-        self._views = not memory.backend.needs_native_copies
-
     def config(self) -> bytes:
         """The 60-byte ``struct virtio_blk_config``."""
         cfg = bytearray(CONFIG_SIZE)
@@ -383,45 +340,70 @@ class BlkDevice(VhostUserBackend):
     def handle_event(
         self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
     ) -> None:
-        # One hold of the ring for the whole drain: each VringT call would
-        # otherwise take the lock and a memory lease on its own.
-        with vrings[device_event].get_mut() as ring:
-            while True:
-                ring.disable_notification()
-                chains = ring.pop_chains()
-                if chains:
-                    ring.add_used_many([(c.head, self._serve(c)) for c in chains])
-                    ring.signal_if_needed()
-                # The optional busy-poll window: wait for the next request
-                # spinning, with kicks still off, instead of sleeping.
-                if self.busy_poll and ring.poll_available(self.busy_poll):
-                    continue
-                # Re-enable, then look again: a request that arrived in
-                # between would otherwise wait for a kick the guest suppressed.
-                if not ring.enable_notification():
-                    return
+        # The ring's drain: pop, serve, complete and signal per batch until
+        # empty, with one lock and one memory lease (VringState.drain).
+        vrings[device_event].drain(self._serve, busy_poll=self.busy_poll)
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written)."""
-        if chain.writable_len < 1:
+        wlen = chain.writable_len
+        if wlen < 1:
             # No room for the status byte: nothing can be reported.
             self._count(errors=1)
             log.warning("request %d has no status byte; dropped", chain.head)
             return 0
-        readable = chain.readable_buffers()
-        if self._views and readable and len(readable[0]) >= HEADER.size:
-            # The usual layout: the header alone in the first buffer.
-            kind, _ioprio, sector = HEADER.unpack_from(readable[0])
-        else:
-            header = chain.read(HEADER.size)
-            if len(header) != HEADER.size:
-                return self._status(chain, S_IOERR, errors=1)
-            kind, _ioprio, sector = HEADER.unpack(header)
-        try:
+        header = chain.read(HEADER_SIZE)
+        if len(header) != HEADER_SIZE:
+            return self._status(chain, S_IOERR, errors=1)
+        kind, _ioprio, sector = _unpack_header(header)
+        if not self.direct:
             if kind == T_IN:
-                return self._read(chain, sector)
-            if kind == T_OUT:
-                return self._write(chain, sector, readable)
+                # The usual read, inline: whole sectors inside the image,
+                # from the file straight into the guest's buffers, then the
+                # status byte. Anything else takes the general path below.
+                length = wlen - 1
+                offset = sector * SECTOR
+                if not length % SECTOR and offset + length <= self.size:
+                    try:
+                        got = chain.write_from_file(self._fd, length, offset)
+                    except OSError as exc:
+                        return self._failed(chain, T_IN, sector, exc)
+                    if got == length:
+                        chain.write(_STATUS_OK)
+                        stats = self.stats
+                        with stats.lock:
+                            stats.reads += 1
+                            stats.bytes_read += length
+                        return wlen
+            elif kind == T_OUT and not self.read_only:
+                # The usual write, likewise.
+                length = chain.readable_len - HEADER_SIZE
+                offset = sector * SECTOR
+                if not length % SECTOR and offset + length <= self.size:
+                    try:
+                        put = chain.read_to_file(self._fd, length, offset)
+                        if put == length and self.write_through:
+                            os.fdatasync(self._fd)
+                    except OSError as exc:
+                        return self._failed(chain, T_OUT, sector, exc)
+                    if put == length:
+                        chain.mark_written(wlen - 1)
+                        chain.write(_STATUS_OK)
+                        stats = self.stats
+                        with stats.lock:
+                            stats.writes += 1
+                            stats.bytes_written += length
+                        return wlen
+                    return self._write_rest(chain, sector, length, offset, put)
+        if kind == T_IN:
+            return self._read(chain, sector)
+        if kind == T_OUT:
+            return self._write(chain, sector)
+        return self._other(chain, kind, sector)
+
+    def _other(self, chain: DescriptorChain, kind: int, sector: int) -> int:
+        """Every request but read and write."""
+        try:
             if kind == T_FLUSH:
                 if not self.read_only:
                     os.fdatasync(self._fd)
@@ -435,9 +417,14 @@ class BlkDevice(VhostUserBackend):
                     chain.read(HEADER.size)
                 return self._segments(chain, kind)
         except OSError as exc:
-            log.warning("request type %d at sector %d failed: %s", kind, sector, exc)
-            return self._status(chain, S_IOERR, errors=1)
+            return self._failed(chain, kind, sector, exc)
         return self._status(chain, S_UNSUPP, unsupported=1)
+
+    def _failed(
+        self, chain: DescriptorChain, kind: int, sector: int, exc: OSError
+    ) -> int:
+        log.warning("request type %d at sector %d failed: %s", kind, sector, exc)
+        return self._status(chain, S_IOERR, errors=1)
 
     def _status(self, chain: DescriptorChain, status: int, **counts: int) -> int:
         self._count(**counts)
@@ -446,18 +433,11 @@ class BlkDevice(VhostUserBackend):
         chain.write(bytes((status,)))
         return chain.bytes_written
 
-    def _ok(self, chain: DescriptorChain, writable: list[memoryview]) -> int:
-        length = chain.writable_len
-        if not self._views:
-            # Postcopy memory: the status goes in through a GIL-free copy.
-            chain.mark_written(length - 1)
-            chain.write(bytes((S_OK,)))
-            return length
-        # The fast completion: the status byte set in place, the whole
-        # writable part marked written (data and status) at once.
-        writable[-1][-1] = S_OK
-        chain.mark_written(length)
-        return length
+    def _ok(self, chain: DescriptorChain) -> int:
+        # The data filled the writable part up to the status byte: this one
+        # fills it whole.
+        chain.write(_STATUS_OK)
+        return chain.writable_len
 
     def _count(self, **counts: int) -> None:
         with self.stats.lock:
@@ -478,46 +458,70 @@ class BlkDevice(VhostUserBackend):
         offset = self._range(sector, length)
         if offset is None:
             return self._status(chain, S_IOERR, errors=1)
-        writable = chain.writable_buffers()
-        if self.direct:
-            bounce = memoryview(self._bounce(length))[:length]
-            self._full_preadv([bounce], offset)
-            if self._views:
-                _scatter_into(_trim(writable, length), bounce)
-            else:
+        try:
+            if self.direct:
+                bounce = memoryview(self._bounce(length))[:length]
+                self._full_pread(bounce, offset)
                 chain.write(bounce)
-        else:
-            self._full_preadv(_trim(writable, length), offset)
+            elif chain.write_from_file(self._fd, length, offset) != length:
+                raise OSError(errno.EIO, "unexpected end of the image")
+        except OSError as exc:
+            return self._failed(chain, T_IN, sector, exc)
         stats = self.stats
         with stats.lock:
             stats.reads += 1
             stats.bytes_read += length
-        return self._ok(chain, writable)
+        return self._ok(chain)
 
-    def _write(
-        self, chain: DescriptorChain, sector: int, readable: list[memoryview]
-    ) -> int:
+    def _write(self, chain: DescriptorChain, sector: int) -> int:
         length = chain.readable_len - HEADER.size
         offset = self._range(sector, length)
         if self.read_only or offset is None:
             return self._status(chain, S_IOERR, errors=1)
-        views = _skip(readable, HEADER.size)
-        if self.direct:
-            bounce = memoryview(self._bounce(length))[:length]
-            if self._views:
-                _gather_from(views, bounce)
-            else:
-                chain.read(HEADER.size - chain.bytes_read)
+        try:
+            if self.direct:
+                bounce = memoryview(self._bounce(length))[:length]
                 chain.readinto(bounce)
-            views = [bounce]
-        self._full_pwritev(views, offset)
-        if self.write_through:
-            os.fdatasync(self._fd)
+                self._full_pwrite(bounce, offset)
+            else:
+                self._write_all(chain, length, offset, 0)
+            if self.write_through:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            return self._failed(chain, T_OUT, sector, exc)
         stats = self.stats
         with stats.lock:
             stats.writes += 1
             stats.bytes_written += length
-        return self._ok(chain, chain.writable_buffers())
+        chain.mark_written(chain.writable_len - 1)
+        return self._ok(chain)
+
+    def _write_all(
+        self, chain: DescriptorChain, length: int, offset: int, done: int
+    ) -> None:
+        # The rest of a write the image took only part of.
+        while done < length:
+            put = chain.read_to_file(self._fd, length - done, offset + done)
+            if put == 0:
+                raise OSError(errno.EIO, "the image accepted no data")
+            done += put
+
+    def _write_rest(
+        self, chain: DescriptorChain, sector: int, length: int, offset: int, done: int
+    ) -> int:
+        # The fast path's short write: finish it like the general path.
+        try:
+            self._write_all(chain, length, offset, done)
+            if self.write_through:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            return self._failed(chain, T_OUT, sector, exc)
+        stats = self.stats
+        with stats.lock:
+            stats.writes += 1
+            stats.bytes_written += length
+        chain.mark_written(chain.writable_len - 1)
+        return self._ok(chain)
 
     def _segments(self, chain: DescriptorChain, kind: int) -> int:
         data = chain.read()
@@ -570,7 +574,7 @@ class BlkDevice(VhostUserBackend):
         done = 0
         while done < length:
             n = min(len(chunk), length - done)
-            self._full_pwritev([memoryview(chunk)[:n]], offset + done)
+            self._full_pwrite(memoryview(chunk)[:n], offset + done)
             done += n
 
     def _bounce(self, length: int) -> mmap.mmap:
@@ -586,18 +590,18 @@ class BlkDevice(VhostUserBackend):
             self._local.bounce = buf
         return buf
 
-    def _full_preadv(self, views: list[memoryview], offset: int) -> None:
-        while views:
-            got = os.preadv(self._fd, views, offset)
+    def _full_pread(self, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
             if got == 0:
                 raise OSError(errno.EIO, "unexpected end of the image")
-            offset += got
-            views = _skip(views, got)
+            done += got
 
-    def _full_pwritev(self, views: list[memoryview], offset: int) -> None:
-        while views:
-            put = os.pwritev(self._fd, views, offset)
+    def _full_pwrite(self, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):
+            put = os.pwritev(self._fd, [buffer[done:]], offset + done)
             if put == 0:
                 raise OSError(errno.EIO, "the image accepted no data")
-            offset += put
-            views = _skip(views, put)
+            done += put
