@@ -1,9 +1,12 @@
 """blk scenarios of ``python -m benchmarks``: ``vubackend blk`` against
 qemu-storage-daemon on the same raw image.
 
-* guest: a QEMU guest (software emulation) doing 4 KiB O_DIRECT reads and
-  writes at queue depth 1 and 32 (tests/guest/rootfs/tests/blkbench.sh);
-  IOPS from the guest's own clock.
+* guest: one QEMU guest (software emulation) with two disks, ours and the
+  reference, each on its own image, doing 4 KiB O_DIRECT reads and writes
+  at queue depth 1 and 32 on one disk and then on the other, round after
+  round (tests/guest/rootfs/tests/blkpair.sh): the two sides of a round are
+  measured seconds apart, which the host's slow and fast periods cannot
+  skew the way back-to-back guest runs can. IOPS from the guest's clock.
 * frontend: our Python frontend driving each backend directly, 4 KiB reads
   at queue depth 1 and 32 and 64 KiB writes at depth 8.
 
@@ -16,6 +19,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 from benchmarks._harness import Metrics, Scenario
 from tests.guest.rig import (
@@ -33,8 +37,8 @@ CLIENT_CPU = 1
 IMAGE_MIB = 256
 
 
-def _image(workdir: Path) -> Path:
-    image = workdir / "bench.img"
+def _image(workdir: Path, name: str = "bench.img") -> Path:
+    image = workdir / name
     if not image.exists():
         with image.open("wb") as f:
             f.truncate(IMAGE_MIB << 20)
@@ -42,10 +46,14 @@ def _image(workdir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _ours(workdir: Path, image: Path, busy_poll_us: float = 0) -> Iterator[Path]:
+def _ours(
+    workdir: Path, image: Path, busy_poll_us: float = 0, serial: str | None = None
+) -> Iterator[Path]:
     sock = workdir / "ours.sock"
     args = ["blk", "--socket", str(sock), "--image", str(image)]
     args += ["--busy-poll-us", str(busy_poll_us)]
+    if serial is not None:
+        args += ["--serial", serial]
     with vubackend(args, sock, workdir / "ours.log", wrapper=BACKEND_CPU) as backend:
         yield sock
         backend.stop()
@@ -59,44 +67,69 @@ def _storage_daemon(workdir: Path, image: Path) -> Iterator[Path]:
         yield qsd.socket
 
 
+SERIAL: Final = "vubackend-bench"
+
+
 def guest_scenario(
-    workdir: Path, *, ios: int = 4096, qd: int = 32, busy_poll_us: float = 0
+    workdir: Path,
+    *,
+    ios: int = 8192,
+    ios_qd: int = 4096,
+    qd: int = 32,
+    busy_poll_us: float = 0,
 ) -> Scenario:
-    image = _image(workdir)
+    """One guest, two disks: ``vubackend blk`` and qemu-storage-daemon, each
+    on its own image made the same way, measured in alternation (each phase
+    on one disk, then at once on the other, the order swapped every round;
+    tests/guest/rootfs/tests/blkpair.sh)."""
+    ours_image = _image(workdir)
+    theirs_image = _image(workdir, "reference.img")
     guest = guest_image()
-
-    def measure(sock: Path) -> Metrics:
-        run = run_guest(
-            guest,
-            "blkbench",
-            blk_device(sock),
-            params={"ios": ios, "qd": qd},
-            log=workdir / "bench.serial",
-            wrapper=["taskset", "-c", str(CLIENT_CPU)],
-        )
-        metrics: Metrics = {}
-        for phase in ("read_qd1", "write_qd1", f"read_qd{qd}", f"write_qd{qd}"):
-            count, start, end = run.results[phase].split()
-            metrics[phase] = int(count) / max(float(end) - float(start), 0.01)
-        return metrics
-
-    def ours() -> Metrics:
-        with _ours(workdir, image, busy_poll_us) as sock:
-            return measure(sock)
-
-    def reference() -> Metrics:
-        with _storage_daemon(workdir, image) as sock:
-            return measure(sock)
-
     phases = ["read_qd1", "write_qd1", f"read_qd{qd}", f"write_qd{qd}"]
+
+    def paired(rounds: int) -> tuple[list[Metrics], list[Metrics]]:
+        with (
+            _ours(workdir, ours_image, busy_poll_us, SERIAL) as ours_sock,
+            _storage_daemon(workdir, theirs_image) as theirs_sock,
+        ):
+            run = run_guest(
+                guest,
+                "blkpair",
+                blk_device(ours_sock, chardev="blk0")
+                + blk_device(theirs_sock, chardev="blk1"),
+                params={
+                    "rounds": rounds,
+                    "ios": ios,
+                    "ios_qd": ios_qd,
+                    "qd": qd,
+                    "a": SERIAL,
+                },
+                log=workdir / "bench.serial",
+                timeout=60.0 + 60.0 * rounds,
+                wrapper=["taskset", "-c", str(CLIENT_CPU)],
+            )
+        sides: tuple[list[Metrics], list[Metrics]] = ([], [])
+        for r in range(1, rounds + 1):
+            for side, out in zip("ab", sides, strict=True):
+                metrics: Metrics = {}
+                for phase in phases:
+                    count, start, end = run.results[f"r{r}_{side}_{phase}"].split()
+                    metrics[phase] = int(count) / max(float(end) - float(start), 0.01)
+                out.append(metrics)
+        return sides
+
+    def unused() -> Metrics:
+        raise AssertionError("a paired scenario")
+
     polling = f", busy-poll {busy_poll_us:.0f} us" if busy_poll_us else ""
     return Scenario(
         f"blk guest 4k O_DIRECT{polling}",
-        ours,
-        reference,
+        unused,
+        unused,
         phases,
         "qemu-storage-daemon",
         {p: " IOPS" for p in phases},
+        paired=paired,
     )
 
 

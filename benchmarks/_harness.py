@@ -25,6 +25,11 @@ class Scenario:
     ``ours()`` and ``reference()`` each run once and return their metrics;
     ``ratios`` names the metrics compared (higher is better); the other
     metrics are reported as they are (CPU %, kicks/s...).
+
+    A scenario that can measure both sides side by side instead (both
+    served at once, measured in alternation within seconds) gives
+    ``paired(rounds)``, which returns the rounds of each side; ``ours`` and
+    ``reference`` are then not called.
     """
 
     name: str
@@ -33,6 +38,7 @@ class Scenario:
     ratios: Sequence[str]
     reference_name: str
     units: dict[str, str] = field(default_factory=dict)
+    paired: Callable[[int], tuple[list[Metrics], list[Metrics]]] | None = None
 
 
 @dataclass
@@ -56,6 +62,15 @@ def median(values: Sequence[float]) -> float:
 def run(scenario: Scenario, rounds: int, log: Callable[[str], None] = print) -> Outcome:
     """Alternate the two sides for ``rounds`` rounds (A B, B A, ...)."""
     outcome = Outcome(scenario.name, scenario.reference_name, [], [])
+    if scenario.paired is not None:
+        start = time.monotonic()
+        outcome.ours, outcome.theirs = scenario.paired(rounds)
+        for r, (a, b) in enumerate(zip(outcome.ours, outcome.theirs, strict=True)):
+            for side, metrics in (("ours", a), ("reference", b)):
+                shown = ", ".join(f"{k}={v:,.3g}" for k, v in metrics.items())
+                log(f"  {scenario.name} round {r + 1} {side}: {shown}")
+        log(f"  ({time.monotonic() - start:.1f} s)")
+        return outcome
     for r in range(rounds):
         order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
         for side in order:
