@@ -12,7 +12,7 @@ from typing import Final, final
 
 from vubackend.daemon import VhostUserBackend
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
-from vubackend.vring import VringT
+from vubackend.vring import DescriptorChain, VringT
 
 __all__ = ["RngDevice"]
 
@@ -55,16 +55,10 @@ class RngDevice(VhostUserBackend):
     def handle_event(
         self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
     ) -> None:
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
-            for chain in vring.pop_chains():
-                size = min(chain.writable_len, MAX_REQUEST)
-                written = chain.write(self._read(size))
-                self.bytes_served += written
-                vring.add_used(chain.head, written)
-            vring.signal_if_needed()
-            # Re-enable, then look again: a request that came in between is
-            # served now instead of waiting for a kick that was suppressed.
-            if not vring.enable_notification():
-                return
+        # The ring's drain: serve, complete and signal per batch until empty.
+        vrings[device_event].drain(self._serve)
+
+    def _serve(self, chain: DescriptorChain) -> int:
+        written = chain.write(self._read(min(chain.writable_len, MAX_REQUEST)))
+        self.bytes_served += written
+        return written
