@@ -172,6 +172,7 @@ static const int VU_RING_INDIRECT = 1;
 static const int VU_RING_AVAIL_EVENT = 2;
 static const int VU_RING_IN_ORDER = 4;
 static const int VU_RING_EVENT_IDX = 8;
+static const int VU_RING_PEEK = 16;
 
 static const int VU_S_NEXT_AVAIL = 0;
 static const int VU_S_AVAIL_WRAP = 1;
@@ -881,7 +882,7 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
  * differs. The facade checks the fields when it sets them (as it checks the
  * arguments of the unbound calls).
  *
- * Peeking: with peek_len > 0, vu_ring_pop also copies the first peek_len
+ * Peeking: with VU_RING_PEEK, vu_ring_pop also copies the first peek_len
  * bytes of each popped chain's readable part (fewer if it is shorter) into
  * peek[chain * peek_len ...], so that a device reads its request header
  * without another call. The segments it reads were checked by the walk that
@@ -938,7 +939,8 @@ static int vu_ring_bad_position(const vu_ring *r, uint64_t pos, uint64_t wrap)
 int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains)
 {
     if (r->regions == NULL || max_chains == 0 ||
-        (flags & ~(uint32_t)(VU_RING_INDIRECT | VU_RING_AVAIL_EVENT | VU_RING_IN_ORDER)) ||
+        (flags & ~(uint32_t)(VU_RING_INDIRECT | VU_RING_AVAIL_EVENT | VU_RING_IN_ORDER |
+                             VU_RING_PEEK)) ||
         vu_ring_bad_position(r, r->state[VU_S_NEXT_AVAIL], r->state[VU_S_AVAIL_WRAP]))
         return VU_STOP_ARGS;
     if (max_chains > r->max_chains)
@@ -952,7 +954,7 @@ int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains)
         stop = vu_split_pop(r->regions, r->nregions, r->desc_gpa, r->avail_gpa,
                             r->used_gpa, r->qsize, flags, r->inflight, r->chains,
                             max_chains, r->segs, r->max_segs, r->state);
-    if (r->peek_len)
+    if ((flags & (uint32_t)VU_RING_PEEK) && r->peek_len)
         vu_peek(r, (uint32_t)r->state[VU_S_COUNT]);
     return stop;
 }

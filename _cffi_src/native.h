@@ -57,6 +57,7 @@ static const int VU_RING_INDIRECT;
 static const int VU_RING_AVAIL_EVENT;
 static const int VU_RING_IN_ORDER;
 static const int VU_RING_EVENT_IDX;
+static const int VU_RING_PEEK;
 
 /* Words of the state array (uint64_t state[VU_STATE_WORDS]). */
 static const int VU_S_NEXT_AVAIL;
@@ -122,7 +123,7 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
 /* ---------------------------------------------------------------- bound rings
  *
  * The same walks with their arguments kept in a struct (ABI 3), filled by
- * the facade when the ring is bound to a memory table; with peek_len > 0 a
+ * the facade when the ring is bound to a memory table; with VU_RING_PEEK a
  * pop also copies the start of each chain's readable part into peek.
  */
 

@@ -17,6 +17,7 @@ from vubackend._native import (
     PEEK_BYTES,
     RING_AVAIL_EVENT,
     RING_EVENT_IDX,
+    RING_PEEK,
     RegionTable,
     RingStop,
     RingWalker,
@@ -63,10 +64,11 @@ def test_bound_pop_gives_what_the_unbound_pop_gives(
     request(buf, 0, 0x8000, b"H" * 20)
     request(buf, 2, 0x9000, b"J" * 3)
     publish(buf, [0, 2])
-    stop, count, next_avail, _, taken = walker.pop_take(0, 0, 0, 8)
+    stop, count, next_avail, _, taken = walker.pop_take(0, 0, RING_PEEK, 8)
     assert (stop, count, next_avail) == (RingStop.EMPTY, 2, 2)
     assert taken is not None
     words, segs, peek, _ptr = taken
+    assert peek is not None
     other = RingWalker(QSIZE, packed=False)
     unbound = other.split_pop(
         table, DESC_GPA, AVAIL_GPA, USED_GPA, 0, flags=0, max_chains=8
@@ -77,6 +79,11 @@ def test_bound_pop_gives_what_the_unbound_pop_gives(
     assert peek[:PEEK_BYTES] == b"H" * PEEK_BYTES
     assert peek[PEEK_BYTES : PEEK_BYTES + 3] == b"JJJ"
     assert walker.pop_bound(2, 0, 0, 8)[:2] == (RingStop.EMPTY, 0)
+    request(buf, 4, 0xA000, b"K" * 16)
+    publish(buf, [4], start=2)
+    again = walker.pop_take(2, 0, 0, 8)[4]
+    assert again is not None
+    assert again[2] is None, "no header without RING_PEEK"
 
 
 def test_bound_push_and_complete(

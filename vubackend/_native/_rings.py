@@ -104,6 +104,9 @@ RING_IN_ORDER: Final = 4
 RING_EVENT_IDX: Final = 8
 """Ring flag (split completions): EVENT_IDX was negotiated, read
 ``used_event`` too."""
+RING_PEEK: Final = 16
+"""Ring flag (bound pops): copy each chain's request header out with it
+(:data:`PEEK_BYTES`; :meth:`RingWalker.pop_take`)."""
 
 # Words of the state array.
 _S_NEXT_AVAIL: Final = 0
@@ -185,6 +188,7 @@ def _check_ring_constants() -> None:
         ("VU_RING_AVAIL_EVENT", RING_AVAIL_EVENT, _lib.VU_RING_AVAIL_EVENT),
         ("VU_RING_IN_ORDER", RING_IN_ORDER, _lib.VU_RING_IN_ORDER),
         ("VU_RING_EVENT_IDX", RING_EVENT_IDX, _lib.VU_RING_EVENT_IDX),
+        ("VU_RING_PEEK", RING_PEEK, _lib.VU_RING_PEEK),
         ("VU_S_NEXT_AVAIL", _S_NEXT_AVAIL, _lib.VU_S_NEXT_AVAIL),
         ("VU_S_AVAIL_WRAP", _S_AVAIL_WRAP, _lib.VU_S_AVAIL_WRAP),
         ("VU_S_NEXT_USED", _S_NEXT_USED, _lib.VU_S_NEXT_USED),
@@ -614,11 +618,16 @@ class RingWalker:
     def pop_take(
         self, next_avail: int, avail_wrap: int, flags: int, max_chains: int
     ) -> tuple[
-        RingStop, int, int, int, tuple[array[int], array[int], bytes, FFI.CData] | None
+        RingStop,
+        int,
+        int,
+        int,
+        tuple[array[int], array[int], bytes | None, FFI.CData] | None,
     ]:
         """:meth:`pop_bound`, then :meth:`take` of what came, in one call:
         ``(stop, count, next_avail, avail_wrap, taken)``, ``taken`` None
-        when nothing came. The data path's pop (one call less per kick)."""
+        when nothing came; the headers (``bytes``) only with
+        ``RING_PEEK``. The data path's pop (one call less per kick)."""
         table = self._bound
         if table is None or table._count < 0:
             raise ValueError("the walker is not bound to a live region table")
@@ -642,27 +651,22 @@ class RingWalker:
         taken = (
             chains,
             segments,
-            self._peek_bytes[: count * PEEK_BYTES].tobytes(),
+            self._peek_bytes[: count * PEEK_BYTES].tobytes()
+            if flags & RING_PEEK
+            else None,
             _from_buffer("uint64_t[]", segments),
         )
         return (_STOPS[stop], count, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], taken)
 
-    def take(self, count: int) -> tuple[array[int], array[int], bytes, FFI.CData]:
+    def take(self, count: int) -> tuple[array[int], array[int], FFI.CData]:
         """The last pop's ``count`` chains: copies of their record words and
-        their segment words, the first :data:`PEEK_BYTES` bytes of each
-        one's readable part (``PEEK_BYTES`` per chain; only the first
-        ``min(readable_len, PEEK_BYTES)`` of each are meaningful), and the
-        segment words pinned for ``chain_copy`` / ``chain_file_io``."""
+        their segment words, and the segment words pinned for
+        ``chain_copy`` / ``chain_file_io``."""
         chains = array("I")
         chains.frombytes(self._chain_bytes[: 4 * CHAIN_WORDS * count])
         segments = array("Q")
         segments.frombytes(self._seg_bytes[: 16 * self._state_words[_S_SEGS]])
-        return (
-            chains,
-            segments,
-            self._peek_bytes[: count * PEEK_BYTES].tobytes(),
-            _from_buffer("uint64_t[]", segments),
-        )
+        return chains, segments, _from_buffer("uint64_t[]", segments)
 
     def last_pop(self, stop: RingStop) -> PopResult:
         """The full result of the last bound pop (which returned ``stop``)."""

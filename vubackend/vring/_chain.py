@@ -217,9 +217,6 @@ class DescriptorChain:
     __slots__ = (
         "_at",
         "_batch",
-        "_first",
-        "_nread",
-        "_nsegs",
         "_rpos",
         "_wpos",
         "head",
@@ -237,24 +234,22 @@ class DescriptorChain:
 
     def __init__(self, batch: ChainBatch, at: int) -> None:
         # Private: the queues build chains from checked walks. What every
-        # request reads is copied out of the record here (a property per
-        # read would cost more).
+        # device reads is copied out of the record here (a property per read
+        # would cost more); the segment facts (first, count, readable) are
+        # read from it where the copies need them (many chains never copy).
         self._batch = batch
         self._at = at
         self._rpos = 0
         self._wpos = 0
         words = batch.words
         self.head = words[at]
-        self._first = words[at + 2]
-        self._nsegs = words[at + 3]
-        self._nread = words[at + 4]
         self.readable_len = words[at + 5]
         self.writable_len = words[at + 6]
 
     def _pieces(self, first: int, last: int) -> list[tuple[MappedRegion, int, int]]:
         # (region, offset, length) of segments [first, last) of this chain.
         batch = self._batch
-        base = self._first
+        base = batch.words[self._at + 2]
         segs = batch.segs
         regions = batch.regions
         out: list[tuple[MappedRegion, int, int]] = []
@@ -264,6 +259,14 @@ class DescriptorChain:
                 (regions[meta >> 32 & _REGION_MASK], segs[2 * k], meta & _LEN_MASK)
             )
         return out
+
+    @property
+    def _nsegs(self) -> int:
+        return self._batch.words[self._at + 3]
+
+    @property
+    def _nread(self) -> int:
+        return self._batch.words[self._at + 4]
 
     # ------------------------------------------------------------ facts
 
@@ -364,22 +367,16 @@ class DescriptorChain:
         if table is not None:
             ptr = batch._seg_ptr or batch._pin()
             part = dst[:want]
+            words, at = batch.words, self._at
+            first, nread = words[at + 2], words[at + 4]
             try:
                 done = chain_copy(
-                    table,
-                    ptr,
-                    batch._nsegs,
-                    self._first,
-                    self._nread,
-                    rpos,
-                    part,
-                    False,
+                    table, ptr, batch._nsegs, first, nread, rpos, part, False
                 )
             except TableReleasedError:
                 done = chain_copy(
-                    batch._repin(), ptr, batch._nsegs, self._first, self._nread, rpos,
-                    part, False,
-                )  # fmt: skip
+                    batch._repin(), ptr, batch._nsegs, first, nread, rpos, part, False
+                )
             self._rpos = rpos + done
             return done
         done = 0
@@ -465,18 +462,15 @@ class DescriptorChain:
         table = batch._table
         if table is None:
             return self._write_by_pieces(memoryview(src))
-        nread = self._nread
+        words, at = batch.words, self._at
+        nread = words[at + 4]
+        first, count = words[at + 2] + nread, words[at + 3] - nread
         ptr = batch._seg_ptr or batch._pin()
         try:
-            done = chain_write(
-                table, ptr, batch._nsegs, self._first + nread, self._nsegs - nread,
-                start, src,
-            )  # fmt: skip
+            done = chain_write(table, ptr, batch._nsegs, first, count, start, src)
         except TableReleasedError:
-            done = chain_write(
-                batch._repin(), ptr, batch._nsegs, self._first + nread,
-                self._nsegs - nread, start, src,
-            )  # fmt: skip
+            table = batch._repin()
+            done = chain_write(table, ptr, batch._nsegs, first, count, start, src)
         self._wpos = start + done
         slot = batch._slot
         if slot is None or slot.current is not None:
@@ -534,9 +528,11 @@ class DescriptorChain:
         table = batch._table
         if table is None:
             return self._file_by_pieces(fd, want, offset, into_chain=True)
-        nread = self._nread
+        words, at = batch.words, self._at
+        nread = words[at + 4]
+        first, count = words[at + 2] + nread, words[at + 3] - nread
+        nsegs = batch._nsegs
         ptr = batch._seg_ptr or batch._pin()
-        first, count, nsegs = self._first + nread, self._nsegs - nread, batch._nsegs
         try:
             done = chain_file_io(
                 fd, table, ptr, nsegs, first, count, start, want, offset, True
@@ -576,8 +572,9 @@ class DescriptorChain:
         table = batch._table
         if table is None:
             return self._file_by_pieces(fd, want, offset, into_chain=False)
+        words, at = batch.words, self._at
+        first, count, nsegs = words[at + 2], words[at + 4], batch._nsegs
         ptr = batch._seg_ptr or batch._pin()
-        first, count, nsegs = self._first, self._nread, batch._nsegs
         try:
             done = chain_file_io(
                 fd, table, ptr, nsegs, first, count, rpos, want, offset, False
@@ -613,8 +610,9 @@ class DescriptorChain:
         batch = self._batch
         segs = batch.segs
         bitmaps = batch._bitmaps
-        first = self._first
-        for k in range(first + self._nread, first + self._nsegs):
+        words, at = batch.words, self._at
+        first = words[at + 2]
+        for k in range(first + words[at + 4], first + words[at + 3]):
             meta = segs[2 * k + 1]
             n = meta & _LEN_MASK
             if start >= n:

@@ -63,6 +63,7 @@ from typing import Final, final
 from vubackend._native import (
     RING_IN_ORDER,
     RING_INDIRECT,
+    RING_PEEK,
     RingFault,
     RingStop,
     RingWalker,
@@ -282,9 +283,11 @@ class PackedRing:
     def pop(self, mem: GuestMemory, max_chains: int) -> list[DescriptorChain]:
         """Pop up to ``max_chains`` available chains (see :meth:`pop_batches`,
         which this flattens)."""
-        return ChainBatch.flatten(self.pop_batches(mem, max_chains))
+        return ChainBatch.flatten(self.pop_batches(mem, max_chains, peek=True))
 
-    def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
+    def pop_batches(
+        self, mem: GuestMemory, max_chains: int, *, peek: bool = False
+    ) -> list[ChainBatch]:
         """Pop up to ``max_chains`` available chains.
 
         Returns:
@@ -299,7 +302,7 @@ class PackedRing:
         """
         space = self._use(mem)
         if self._native and space.native_walks:
-            batches, fault = self._pop_native(space, max_chains)
+            batches, fault = self._pop_native(space, max_chains, peek)
         else:
             batches, fault = self._pop_python(space, max_chains)
         if fault is not None and not batches:
@@ -312,20 +315,23 @@ class PackedRing:
         return batches
 
     def _pop_native(
-        self, space: MemorySpace, max_chains: int
+        self, space: MemorySpace, max_chains: int, peek: bool
     ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None]:
-        flags = RING_INDIRECT if self._indirect else 0
+        # peek: copy the request headers out (for chains, not id batches).
+        flags = (RING_INDIRECT if self._indirect else 0) | (RING_PEEK if peek else 0)
         batches: list[ChainBatch] = []
         count = 0
         walker = self._walker
         while True:
             # The C walk does rules 2 and 3 itself (native.c, "Ring walks").
-            stop, n, self._next_avail, self._avail_wrap = walker.pop_bound(
+            stop, n, self._next_avail, self._avail_wrap, taken = walker.pop_take(
                 self._next_avail, self._avail_wrap, flags, max_chains - count
             )
-            if n:
-                words, segs, peek, ptr = walker.take(n)
-                batches.append(ChainBatch(words, segs, space, space.pinned, peek, ptr))
+            if taken is not None:
+                words, segs, peek_bytes, ptr = taken
+                batches.append(
+                    ChainBatch(words, segs, space, space.pinned, peek_bytes, ptr)
+                )
                 count += n
             if stop is RingStop.EMPTY:
                 return batches, None

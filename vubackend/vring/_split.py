@@ -74,6 +74,7 @@ from vubackend._native import (
     RING_AVAIL_EVENT,
     RING_EVENT_IDX,
     RING_INDIRECT,
+    RING_PEEK,
     RingFault,
     RingStop,
     RingWalker,
@@ -300,7 +301,7 @@ class SplitRing:
             stop, count, next_avail, _, taken = walker.pop_take(
                 self._next_avail,
                 0,
-                self._pop_flags_event if event else self._pop_flags,
+                (self._pop_flags_event if event else self._pop_flags) | RING_PEEK,
                 max_chains,
             )
             self._next_avail = next_avail
@@ -321,9 +322,11 @@ class SplitRing:
                 space, max_chains, event, (stop, count, first)
             )
             return ChainBatch.flatten(self._popped(batches, fault, broken_at, event))
-        return ChainBatch.flatten(self.pop_batches(mem, max_chains))
+        return ChainBatch.flatten(self.pop_batches(mem, max_chains, peek=True))
 
-    def pop_batches(self, mem: GuestMemory, max_chains: int) -> list[ChainBatch]:
+    def pop_batches(
+        self, mem: GuestMemory, max_chains: int, *, peek: bool = False
+    ) -> list[ChainBatch]:
         """Pop up to ``max_chains`` available chains.
 
         Returns:
@@ -339,7 +342,9 @@ class SplitRing:
         space = self._use(mem)
         event = self._event_idx and self._notify
         if self._native and space.native_walks:
-            batches, fault, broken_at = self._pop_native(space, max_chains, event)
+            batches, fault, broken_at = self._pop_native(
+                space, max_chains, event, peek=peek
+            )
         else:
             batches, fault, broken_at = self._pop_python(space, max_chains, event)
         return self._popped(batches, fault, broken_at, event)
@@ -389,10 +394,15 @@ class SplitRing:
         max_chains: int,
         event: bool,
         first: tuple[RingStop, int, list[ChainBatch]] | None = None,
+        *,
+        peek: bool = True,
     ) -> tuple[list[ChainBatch], tuple[RingFault, int, int] | None, int | None]:
         # first: a walk pop() already made (its stop, count and batch); its
-        # next_avail is already in place.
+        # next_avail is already in place. peek: copy the request headers out
+        # (for chains; a batch of ids and lengths does not need them).
         flags = self._pop_flags | (RING_AVAIL_EVENT if event else 0)
+        if peek:
+            flags |= RING_PEEK
         batches: list[ChainBatch] = []
         count = 0
         walker = self._walker
@@ -402,13 +412,13 @@ class SplitRing:
                 stop, n, batches = first
                 first = None
             else:
-                stop, n, self._next_avail, _ = walker.pop_bound(
+                stop, n, self._next_avail, _, taken = walker.pop_take(
                     self._next_avail, 0, flags, max_chains - count
                 )
-                if n:
-                    words, segs, peek, ptr = walker.take(n)
+                if taken is not None:
+                    words, segs, peek_bytes, ptr = taken
                     batches.append(
-                        ChainBatch(words, segs, space, space.pinned, peek, ptr)
+                        ChainBatch(words, segs, space, space.pinned, peek_bytes, ptr)
                     )
             count += n
             if stop is RingStop.EMPTY:

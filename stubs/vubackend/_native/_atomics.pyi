@@ -20,6 +20,7 @@ class _Lib:
     VU_RING_AVAIL_EVENT: int
     VU_RING_IN_ORDER: int
     VU_RING_EVENT_IDX: int
+    VU_RING_PEEK: int
     VU_S_NEXT_AVAIL: int
     VU_S_AVAIL_WRAP: int
     VU_S_NEXT_USED: int
