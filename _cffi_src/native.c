@@ -899,6 +899,7 @@ typedef struct {
     uint64_t *segs;
     uint64_t *state;
     uint8_t *peek;
+    uint32_t *scratch;
     uint32_t nregions;
     uint32_t qsize;
     uint32_t max_chains;
@@ -1210,4 +1211,37 @@ int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
 {
     const uint32_t entry[2] = {ident, length};
     return vu_ring_complete(r, flags, entry, 1);
+}
+
+/* vu_ring_complete of the first count chains of a pop's records (the ids at
+ * word 0 of each VU_CHAIN_WORDS), every one with the same used length: a
+ * batch of chains the device only read is returned without a Python object
+ * per chain. The (id, len) pairs are built in the ring's scratch space
+ * (2 * max_chains words: one pop's worth). */
+int vu_ring_complete_records(vu_ring *r, uint32_t flags, const uint32_t *records,
+                             uint32_t count, uint32_t length)
+{
+    if (r->scratch == NULL || count > r->max_chains)
+        return VU_STOP_ARGS;
+    for (uint32_t k = 0; k < count; k++) {
+        r->scratch[2 * (size_t)k] = records[(size_t)k * (size_t)VU_CHAIN_WORDS];
+        r->scratch[2 * (size_t)k + 1] = length;
+    }
+    return vu_ring_complete(r, flags, r->scratch, count);
+}
+
+/* The sum over count chain records of word `field` (5: readable bytes, 6:
+ * writable bytes), each less skip (a header; a chain shorter counts 0). */
+uint64_t vu_records_sum(const uint32_t *records, uint32_t count, uint32_t field,
+                        uint32_t skip)
+{
+    uint64_t total = 0;
+    if (field >= (uint32_t)VU_CHAIN_WORDS)
+        return 0;
+    for (uint32_t k = 0; k < count; k++) {
+        uint32_t v = records[(size_t)k * (size_t)VU_CHAIN_WORDS + field];
+        if (v > skip)
+            total += v - skip;
+    }
+    return total;
 }

@@ -137,6 +137,7 @@ typedef struct {
     uint64_t *segs;
     uint64_t *state;
     uint8_t *peek;
+    uint32_t *scratch;
     uint32_t nregions;
     uint32_t qsize;
     uint32_t max_chains;
@@ -152,6 +153,10 @@ int vu_ring_complete(vu_ring *r, uint32_t flags, const uint32_t *entries,
                      uint32_t count);
 int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
                       uint32_t length);
+int vu_ring_complete_records(vu_ring *r, uint32_t flags, const uint32_t *records,
+                             uint32_t count, uint32_t length);
+uint64_t vu_records_sum(const uint32_t *records, uint32_t count, uint32_t field,
+                        uint32_t skip);
 
 /* ---------------------------------------------------------------- chain data
  *

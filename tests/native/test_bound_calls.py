@@ -1,8 +1,8 @@
 """The data path's native calls: a RingWalker bound to a table (pop_bound,
-pop_take, push_one, push_bound, complete: same results as the unbound
-calls, arguments checked by the C side), the request header a pop copies
-out (peek), and the chain copies (chain_copy, chain_write, chain_file_io)
-with what they refuse."""
+pop_take, push_one, push_bound, complete, complete_records: same results as
+the unbound calls, arguments checked by the C side), the request header a
+pop copies out (peek), sums over a pop's records, and the chain copies
+(chain_copy, chain_write, chain_file_io) with what they refuse."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from vubackend._native import (
     chain_copy,
     chain_file_io,
     chain_write,
+    pin_records,
     pin_segments,
+    records_sum,
 )
 
 DESC = struct.Struct("<QIHH")
@@ -114,6 +116,53 @@ def test_bound_push_and_complete(
     assert walker.push_one(4, 0, 0, 6, 1)[0] is RingStop.FAULT
     assert walker.last_push(RingStop.FAULT).where == 0
     assert walker.complete(4, 0, 0, [0, 1, 0, 1])[0] is RingStop.FAULT
+
+
+def test_complete_records_returns_a_pop_without_entries(
+    ring: tuple[bytearray, RegionTable, RingWalker],
+) -> None:
+    """complete_records writes what complete writes for the same chains
+    with one used length, from the pop's records, and refuses what is not
+    in flight or not in the records."""
+    buf, _table, walker = ring
+    for head in (0, 2, 4):
+        request(buf, head, 0x8000 + 0x200 * head, b"r" * (10 + head))
+    publish(buf, [4, 0, 2])
+    stop, count, _, _, taken = walker.pop_take(0, 0, 0, 8)
+    assert (stop, count) == (RingStop.EMPTY, 3)
+    assert taken is not None
+    words = taken[0]
+    records = pin_records(words)
+    # The readable bytes of the three chains, then less a 12-byte header.
+    assert records_sum(records, 3, 5) == 14 + 10 + 12
+    assert records_sum(records, 3, 5, skip=12) == 2 + 0 + 0
+    assert records_sum(records, 1, 6) == 1  # the writable byte
+    struct.pack_into("<H", buf, AVAIL_GPA + 4 + 2 * QSIZE, 1)  # used_event
+    stop, next_used, _, word, more = walker.complete_records(
+        0, 0, RING_EVENT_IDX, records, 2, 0
+    )
+    assert (stop, next_used, more) == (RingStop.EMPTY, 2, False)
+    assert word >> 16 == 1
+    assert struct.unpack_from("<HH", buf, USED_GPA) == (0, 2)
+    assert struct.unpack_from("<IIII", buf, USED_GPA + 4) == (4, 0, 0, 0)
+    # The first two are no longer in flight: refused, nothing written.
+    assert walker.complete_records(2, 0, 0, records, 3, 0)[0] is RingStop.FAULT
+    assert struct.unpack_from("<H", buf, USED_GPA + 2)[0] == 2
+    with pytest.raises(ValueError, match="record words"):
+        walker.complete_records(2, 0, 0, records, 4, 0)
+    with pytest.raises(ValueError, match="u32"):
+        walker.complete_records(2, 0, 0, records, 1, 1 << 32)
+    with pytest.raises(IndexError):
+        records_sum(records, 4, 5)
+    with pytest.raises(IndexError):
+        records_sum(records, 1, 8)
+    with pytest.raises(TypeError):
+        pin_records(array("Q", [0] * 8))
+    # More than one pop's worth (the scratch space) is refused by C.
+    small = RingWalker(QSIZE, packed=False, max_chains=1)
+    small.bind(_table, DESC_GPA, AVAIL_GPA, USED_GPA)
+    with pytest.raises(ValueError, match="out of range"):
+        small.complete_records(2, 0, 0, records, 2, 0)
 
 
 def test_bound_calls_check_their_arguments(

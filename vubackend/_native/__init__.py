@@ -92,7 +92,9 @@ __all__ = [
     "fence_acquire",
     "fence_release",
     "fence_seq_cst",
+    "pin_records",
     "pin_segments",
+    "records_sum",
 ]
 
 # The ABI number this facade was written against; native.c defines the same.
@@ -137,8 +139,10 @@ _missing = sorted(
         "vu_or_u8",
         "vu_packed_pop",
         "vu_packed_push",
+        "vu_records_sum",
         "vu_ring_complete",
         "vu_ring_complete1",
+        "vu_ring_complete_records",
         "vu_ring_pop",
         "vu_ring_push",
         "vu_ring_push1",
@@ -548,7 +552,9 @@ from vubackend._native._chains import (  # noqa: E402
     chain_copy,
     chain_file_io,
     chain_write,
+    pin_records,
     pin_segments,
+    records_sum,
 )
 from vubackend._native._rings import (  # noqa: E402
     CHAIN_WORDS,

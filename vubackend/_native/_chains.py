@@ -33,13 +33,22 @@ if TYPE_CHECKING:
     from cffi import FFI
     from typing_extensions import Buffer
 
-__all__ = ["chain_copy", "chain_file_io", "chain_write", "pin_segments"]
+__all__ = [
+    "chain_copy",
+    "chain_file_io",
+    "chain_write",
+    "pin_records",
+    "pin_segments",
+    "records_sum",
+]
 
 _ffi: Final = _atomics.ffi
 _from_buffer: Final = _ffi.from_buffer
 _copy: Final = _atomics.lib.vu_chain_copy
 _write: Final = _atomics.lib.vu_chain_write
 _file_io: Final = _atomics.lib.vu_chain_file_io
+_records_sum: Final = _atomics.lib.vu_records_sum
+_CHAIN_WORDS: Final = _atomics.lib.VU_CHAIN_WORDS
 
 
 def pin_segments(segs: array[int]) -> FFI.CData:
@@ -53,6 +62,36 @@ def pin_segments(segs: array[int]) -> FFI.CData:
     if getattr(segs, "typecode", None) != "Q":
         raise TypeError("segment words must be an array('Q')")
     return _from_buffer("uint64_t[]", segs)
+
+
+def pin_records(words: array[int]) -> FFI.CData:
+    """Pin a pop's chain records (``array('I')``, ``CHAIN_WORDS`` per chain)
+    for :func:`records_sum` and ``RingWalker.complete_records``; the array
+    cannot be resized while the pointer lives.
+
+    Raises:
+        TypeError: ``words`` is not an ``array('I')``.
+    """
+    if getattr(words, "typecode", None) != "I":
+        raise TypeError("chain records must be an array('I')")
+    return _from_buffer("uint32_t[]", words)
+
+
+def records_sum(records: FFI.CData, count: int, field: int, skip: int = 0) -> int:
+    """The sum of word ``field`` (5: readable bytes, 6: writable bytes) over
+    the first ``count`` chain records, each less ``skip`` (a header; a chain
+    shorter counts 0), in one call.
+
+    Raises:
+        IndexError: ``count`` records do not fit in ``records``, or ``field``
+            is not a record word.
+        OverflowError: a negative ``count`` or ``skip``.
+    """
+    if count * _CHAIN_WORDS > len(records) or not 0 <= field < _CHAIN_WORDS:
+        raise IndexError(
+            f"{count} records, word {field}: outside {len(records)} record words"
+        )
+    return _records_sum(records, count, field, skip)
 
 
 def _failed(result: int, what: str) -> Exception:

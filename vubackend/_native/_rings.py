@@ -66,6 +66,7 @@ _ring_push: Final = _lib.vu_ring_push
 _ring_push1: Final = _lib.vu_ring_push1
 _ring_complete: Final = _lib.vu_ring_complete
 _ring_complete1: Final = _lib.vu_ring_complete1
+_ring_complete_records: Final = _lib.vu_ring_complete_records
 _ARGS: Final = 6
 
 
@@ -465,6 +466,7 @@ class RingWalker:
         "_peek_bytes",
         "_qsize",
         "_ring",
+        "_scratch",
         "_seg_bytes",
         "_seg_words",
         "_segs",
@@ -512,6 +514,7 @@ class RingWalker:
         # than indexing the cffi array (one call per index).
         self._state_words = memoryview(_ffi.buffer(self._state)).cast("Q")
         self._entries = _ffi.new("uint32_t[]", 2)
+        self._scratch = _ffi.new("uint32_t[]", 2 * max_chains)
         self._peek = _ffi.new("uint8_t[]", max_chains * PEEK_BYTES)
         self._peek_bytes = memoryview(_ffi.buffer(self._peek))
         # The bound calls' arguments (bind()), in the C struct.
@@ -524,6 +527,7 @@ class RingWalker:
         ring.segs = self._segs
         ring.state = self._state
         ring.peek = self._peek
+        ring.scratch = self._scratch
         ring.qsize = qsize
         ring.max_chains = max_chains
         ring.max_segs = self._max_segs
@@ -770,6 +774,49 @@ class RingWalker:
             raise ValueError(
                 f"completion at {next_used} (wrap {used_wrap}), flags {flags:#x}: "
                 f"out of range"
+            )
+        return (
+            _STOPS[stop],
+            st[_S_NEXT_USED],
+            st[_S_USED_WRAP],
+            st[_S_DRIVER],
+            st[_S_MORE] != 0,
+        )
+
+    def complete_records(
+        self,
+        next_used: int,
+        used_wrap: int,
+        flags: int,
+        records: FFI.CData,
+        count: int,
+        length: int,
+    ) -> tuple[RingStop, int, int, int, bool]:
+        """:meth:`complete` of the first ``count`` chains of a pop's records
+        (pinned with ``pin_records``), every one with used length
+        ``length``: a batch returned without an int per chain.
+
+        Raises:
+            ValueError: not bound, the table was released, ``count`` records
+                are not in ``records`` or exceed one pop's worth, or an
+                argument is out of range.
+        """
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+        if count * CHAIN_WORDS > len(records):
+            raise ValueError(f"{count} chains are not in {len(records)} record words")
+        st = self._state_words
+        st[_S_NEXT_USED] = next_used
+        st[_S_USED_WRAP] = used_wrap
+        try:
+            stop = _ring_complete_records(self._ring, flags, records, count, length)
+        except OverflowError as exc:
+            raise ValueError(f"count {count} or length {length} is not a u32") from exc
+        if stop == _ARGS:
+            raise ValueError(
+                f"completion of {count} records at {next_used} (wrap {used_wrap}), "
+                f"flags {flags:#x}: out of range"
             )
         return (
             _STOPS[stop],

@@ -148,6 +148,12 @@ class _Lib:
     def vu_ring_complete1(
         self, r: FFI.CData, flags: int, ident: int, length: int, /
     ) -> int: ...
+    def vu_ring_complete_records(
+        self, r: FFI.CData, flags: int, records: FFI.CData, count: int, length: int, /
+    ) -> int: ...
+    def vu_records_sum(
+        self, records: FFI.CData, count: int, field: int, skip: int, /
+    ) -> int: ...
     def vu_chain_copy(
         self,
         regions: FFI.CData,
