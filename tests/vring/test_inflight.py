@@ -138,6 +138,26 @@ def test_a_drain_records_in_the_spec_order_and_clears_after_signalling(
     ]
 
 
+def test_a_batch_drain_records_like_a_drain(harness: MakeHarness, native: bool) -> None:
+    """drain_batches() with a tracker: the same records as drain(), the
+    clear after the signal."""
+    h = harness(packed=False, native=native, size=SIZE, event_idx=True)
+    recorder = Recorder(h)
+    h.state.set_inflight(recorder)
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    h.state.set_call(call)
+    heads = add(h, 3)
+    assert h.state.drain_batches(len) == 3
+    assert os.eventfd_read(call) == 1
+    assert split(h).collect() == [(head, 0) for head in heads]
+    assert recorder.calls == [
+        ("recover", [], 0),
+        ("begin", heads, 0),
+        ("link", heads, 0),
+        ("complete", heads, 3),
+    ]
+
+
 def test_pending_heads_are_resubmitted_first_after_a_reconnect(
     harness: MakeHarness, atomic: GuestMemoryAtomic, native: bool
 ) -> None:

@@ -47,7 +47,9 @@ from vubackend._native import (
     chain_copy,
     chain_file_io,
     chain_write,
+    pin_records,
     pin_segments,
+    records_sum,
 )
 from vubackend.memory import GuestAddress, MappedRegion
 
@@ -89,6 +91,7 @@ class ChainBatch:
         "_bitmaps",
         "_nsegs",
         "_peek",
+        "_rec_ptr",
         "_seg_ptr",
         "_slot",
         "_table",
@@ -119,6 +122,7 @@ class ChainBatch:
         self._bitmaps = space.bitmaps
         self._slot = space.log_slot
         self._seg_ptr = seg_ptr
+        self._rec_ptr: FFI.CData | None = None
         self._nsegs = len(segs) // 2
         self._peek = peek
 
@@ -160,6 +164,33 @@ class ChainBatch:
         """Bytes of each chain's device-writable buffers."""
         return list(self.words[6::8])
 
+    def readable_bytes(self, skip: int = 0) -> int:
+        """Total bytes of the chains' device-readable buffers, each chain's
+        less ``skip`` (a header: a chain shorter than it counts 0), in one
+        native call: what a sink or a counter needs without a list of
+        lengths."""
+        if skip < 0:
+            raise ValueError(f"skip {skip} is negative")
+        return records_sum(self._records(), len(self.words) // 8, 5, skip)
+
+    def _records(self) -> FFI.CData:
+        """The chain records, pinned for the native completion (the rings'
+        ``complete_batch``)."""
+        ptr = self._rec_ptr
+        if ptr is None:
+            words = self.words
+            if not isinstance(words, array):
+                words = self.words = array("I", words)
+            ptr = self._rec_ptr = pin_records(words)
+        return ptr
+
+    def _used_entries(self, count: int, length: int) -> list[int]:
+        """``[head, length, ...]`` for the first ``count`` chains (the rings'
+        Python completion path)."""
+        flat = [length] * (2 * count)
+        flat[0::2] = self.words[0 : 8 * count : 8]
+        return flat
+
     @classmethod
     def of(cls, chain: DescriptorChain) -> ChainBatch:
         """A batch of one chain (a copy of its record and segments)."""
@@ -175,6 +206,7 @@ class ChainBatch:
         copy._bitmaps = batch._bitmaps
         copy._slot = batch._slot
         copy._seg_ptr = None
+        copy._rec_ptr = None
         copy._nsegs = nsegs
         peek = batch._peek
         first = at // 8 * PEEK_BYTES

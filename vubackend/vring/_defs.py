@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, final
 
+from vubackend.errors import RingStateError
+
 __all__ = [
     "DESC_SIZE",
     "MAX_CHAIN_SEGMENTS",
@@ -158,3 +160,48 @@ def packed_ring_sizes(size: int) -> tuple[int, int, int]:
     """Byte sizes of (descriptor ring, driver event suppression, device event
     suppression) of a packed ring of ``size`` entries (§5.2)."""
     return DESC_SIZE * size, EVENT_SUPPRESSION_SIZE, EVENT_SUPPRESSION_SIZE
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def check_split_config(size: int, desc: int, avail: int, used: int) -> None:
+    """The configuration rules of a split ring (virtio 1.x §2.7; §7.4 item 4).
+
+    Raises:
+        RingStateError: the size is not a power of two in 1..32768, or an
+            address is misaligned or not a u64.
+    """
+    if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+        raise RingStateError(
+            f"split queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
+        )
+    for what, gpa, align in (
+        ("descriptor table", desc, DESC_ALIGN),
+        ("available ring", avail, AVAIL_ALIGN),
+        ("used ring", used, USED_ALIGN),
+    ):
+        if not 0 <= gpa < 1 << 64:
+            raise RingStateError(f"{what} address {gpa:#x} is not a u64")
+        if gpa % align:
+            raise RingStateError(f"{what} address {gpa:#x} is not {align}-byte aligned")
+
+
+def check_packed_config(size: int, desc: int, driver: int, device: int) -> None:
+    """The configuration rules of a packed ring (virtio 1.x §2.8; §7.4 item 4).
+
+    Raises:
+        RingStateError: the size is not in 1..32768, or an address is
+            misaligned or not a u64.
+    """
+    if not 1 <= size <= MAX_QUEUE_SIZE:
+        raise RingStateError(f"packed queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
+    for what, gpa, align in (
+        ("descriptor ring", desc, DESC_ALIGN),
+        ("driver event suppression area", driver, EVENT_SUPPRESSION_ALIGN),
+        ("device event suppression area", device, EVENT_SUPPRESSION_ALIGN),
+    ):
+        if not 0 <= gpa < 1 << 64:
+            raise RingStateError(f"{what} address {gpa:#x} is not a u64")
+        if gpa % align:
+            raise RingStateError(f"{what} address {gpa:#x} is not {align}-byte aligned")

@@ -75,19 +75,17 @@ from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestMemory
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import (
-    DESC_ALIGN,
     DESC_F_AVAIL,
     DESC_F_USED,
     DESC_F_WRITE,
     DESC_SIZE,
-    EVENT_SUPPRESSION_ALIGN,
     EVENT_SUPPRESSION_SIZE,
-    MAX_QUEUE_SIZE,
     PACKED_WRAP_BIT,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     QueueFeatures,
+    check_packed_config,
     need_event,
 )
 from vubackend.vring._space import MemorySpace, RingPart
@@ -100,31 +98,11 @@ from vubackend.vring._walk import (
     walk_packed,
 )
 
-__all__ = ["PackedRing", "check_packed_config", "decode_packed_base"]
+__all__ = ["PackedRing", "decode_packed_base"]
 
 _LEN_ID: Final = struct.Struct("<IH")
 _FREE: Final = (1 << 64) - 1
 _POS_MASK: Final = (1 << PACKED_WRAP_BIT) - 1
-
-
-def check_packed_config(size: int, desc: int, driver: int, device: int) -> None:
-    """The configuration rules of a packed ring (virtio 1.x §2.8; §7.4 item 4).
-
-    Raises:
-        RingStateError: the size is not in 1..32768, or an address is
-            misaligned or not a u64.
-    """
-    if not 1 <= size <= MAX_QUEUE_SIZE:
-        raise RingStateError(f"packed queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
-    for what, gpa, align in (
-        ("descriptor ring", desc, DESC_ALIGN),
-        ("driver event suppression area", driver, EVENT_SUPPRESSION_ALIGN),
-        ("device event suppression area", device, EVENT_SUPPRESSION_ALIGN),
-    ):
-        if not 0 <= gpa < 1 << 64:
-            raise RingStateError(f"{what} address {gpa:#x} is not a u64")
-        if gpa % align:
-            raise RingStateError(f"{what} address {gpa:#x} is not {align}-byte aligned")
 
 
 def decode_packed_base(num: int) -> tuple[int, int, int, int]:
@@ -661,10 +639,51 @@ class PackedRing:
         if space is None or space.memory is not mem:
             self._bind(mem)
         old, old_wrap = self._next_used, self._used_wrap
-        walker = self._walker
-        stop, new, new_wrap, word, more = walker.complete(
+        stop, new, new_wrap, word, more = self._walker.complete(
             old, old_wrap, RING_IN_ORDER if self._in_order else 0, entries
         )
+        return self._completed(stop, old, old_wrap, new, new_wrap, word, more)
+
+    def complete_batch(
+        self, mem: GuestMemory, batch: ChainBatch, count: int, length: int = 0
+    ) -> tuple[bool, bool]:
+        """:meth:`complete` of the first ``count`` chains of ``batch``, every
+        one with used length ``length`` (0: chains the device only read),
+        without an int object per chain.
+
+        Raises:
+            ValueError: as :meth:`push`; nothing was written.
+            RingStateError: as :meth:`complete`.
+        """
+        if not self._native:
+            return self.complete(mem, batch._used_entries(count, length))
+        space = self._space
+        if space is None or space.memory is not mem:
+            self._bind(mem)
+        old, old_wrap = self._next_used, self._used_wrap
+        stop, new, new_wrap, word, more = self._walker.complete_records(
+            old,
+            old_wrap,
+            RING_IN_ORDER if self._in_order else 0,
+            batch._records(),
+            count,
+            length,
+        )
+        return self._completed(stop, old, old_wrap, new, new_wrap, word, more)
+
+    def _completed(
+        self,
+        stop: RingStop,
+        old: int,
+        old_wrap: int,
+        new: int,
+        new_wrap: int,
+        word: int,
+        more: bool,
+    ) -> tuple[bool, bool]:
+        # After a native completion: the fault if any, else the state and
+        # the notification decision.
+        walker = self._walker
         if stop is not RingStop.EMPTY:
             if stop is RingStop.RING:
                 raise RingStateError(

@@ -53,11 +53,13 @@ from vubackend.vring._defs import (
     MAX_QUEUE_SIZE,
     PACKED_WRAP_BIT,
     QueueFeatures,
+    check_packed_config,
+    check_split_config,
 )
-from vubackend.vring._packed import PackedRing, check_packed_config, decode_packed_base
+from vubackend.vring._packed import PackedRing, decode_packed_base
 from vubackend.vring._queue_inflight import QueueInflight
 from vubackend.vring._readback import guest_used_idx
-from vubackend.vring._split import SplitRing, check_split_config
+from vubackend.vring._split import SplitRing
 from vubackend.vring._tracker import AnyInflightTracker, PackedInflightTracker
 
 __all__ = ["Queue"]
@@ -585,6 +587,24 @@ class Queue:
         if inflight is None:
             return engine.complete(mem, flat)
         return inflight.complete(mem, engine, flat)
+
+    def complete_batch(
+        self, mem: GuestMemory, batch: ChainBatch, count: int, length: int = 0
+    ) -> tuple[bool, bool]:
+        """:meth:`complete` of the first ``count`` chains of ``batch``, every
+        one with used length ``length``, without an int per chain (the
+        engines' ``complete_batch``). With an inflight tracker, call
+        :meth:`settle` after signalling.
+
+        Raises:
+            ValueError: a chain is not in flight; nothing was written.
+            RingStateError: as :meth:`complete`.
+        """
+        engine = self._engine or self._ring(mem)
+        inflight = self._inflight
+        if inflight is None:
+            return engine.complete_batch(mem, batch, count, length)
+        return inflight.complete(mem, engine, batch._used_entries(count, length))
 
     def settle(self) -> None:
         """Finish the inflight record of the last :meth:`complete` (clear

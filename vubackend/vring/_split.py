@@ -85,16 +85,13 @@ from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestMemory
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import (
-    AVAIL_ALIGN,
     AVAIL_ELEM,
     AVAIL_F_NO_INTERRUPT,
-    DESC_ALIGN,
-    MAX_QUEUE_SIZE,
     RING_HEADER,
-    USED_ALIGN,
     USED_ELEM,
     USED_F_NO_NOTIFY,
     QueueFeatures,
+    check_split_config,
     split_ring_sizes,
 )
 from vubackend.vring._space import MemorySpace, RingPart
@@ -110,28 +107,6 @@ __all__ = ["SplitRing"]
 _U16: Final = struct.Struct("<H")
 _ELEM: Final = struct.Struct("<II")
 _FREE: Final = (1 << 64) - 1
-
-
-def check_split_config(size: int, desc: int, avail: int, used: int) -> None:
-    """The configuration rules of a split ring (virtio 1.x §2.7; §7.4 item 4).
-
-    Raises:
-        RingStateError: the size is not a power of two in 1..32768, or an
-            address is misaligned or not a u64.
-    """
-    if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
-        raise RingStateError(
-            f"split queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
-        )
-    for what, gpa, align in (
-        ("descriptor table", desc, DESC_ALIGN),
-        ("available ring", avail, AVAIL_ALIGN),
-        ("used ring", used, USED_ALIGN),
-    ):
-        if not 0 <= gpa < 1 << 64:
-            raise RingStateError(f"{what} address {gpa:#x} is not a u64")
-        if gpa % align:
-            raise RingStateError(f"{what} address {gpa:#x} is not {align}-byte aligned")
 
 
 @final
@@ -562,15 +537,7 @@ class SplitRing:
             else:
                 stop, new, _ = walker.push_bound(old, 0, 0, entries)
             if stop is not RingStop.EMPTY:
-                if stop is RingStop.RING:
-                    raise RingStateError(
-                        f"used ring at {self._used:#x} is not inside one guest "
-                        f"memory region, or not aligned in host memory"
-                    )
-                r = walker.last_push(stop)
-                raise ValueError(
-                    f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
-                )
+                raise self._push_error(stop)
         else:
             new = self._push_python(entries)
         self._pushed(old, new)
@@ -621,21 +588,41 @@ class SplitRing:
             # ORDERING: acquire load of avail.idx (§5.4 rule 1).
             more = apart.atomic.load_u16(apart.offset + 2) != self._next_avail
             return self._decide(word), more
-        walker = self._walker
-        stop, new, _, word, more = walker.complete(
+        stop, new, _, word, more = self._walker.complete(
             old, 0, self._complete_flags, entries
         )
+        return self._completed(stop, old, new, word, more)
+
+    def complete_batch(
+        self, mem: GuestMemory, batch: ChainBatch, count: int, length: int = 0
+    ) -> tuple[bool, bool]:
+        """:meth:`complete` of the first ``count`` chains of ``batch``, every
+        one with used length ``length`` (0: chains the device only read),
+        without an int object per chain.
+
+        Raises:
+            ValueError: as :meth:`push` (a chain not in flight: never popped
+                here, or already used); nothing was written.
+            RingStateError: as :meth:`complete`.
+        """
+        if not self._native:
+            return self.complete(mem, batch._used_entries(count, length))
+        space = self._space
+        if space is None or space.memory is not mem:
+            self._bind(mem)
+        old = self._next_used
+        stop, new, _, word, more = self._walker.complete_records(
+            old, 0, self._complete_flags, batch._records(), count, length
+        )
+        return self._completed(stop, old, new, word, more)
+
+    def _completed(
+        self, stop: RingStop, old: int, new: int, word: int, more: bool
+    ) -> tuple[bool, bool]:
+        # After a native completion moved used.idx from old to new: the
+        # fault if any, else the state and the notification decision.
         if stop is not RingStop.EMPTY:
-            if stop is RingStop.RING:
-                raise RingStateError(
-                    f"a split ring part at {walker.last_push(stop).detail:#x} is "
-                    f"not inside one guest memory region, or not aligned in host "
-                    f"memory"
-                )
-            r = walker.last_push(stop)
-            raise ValueError(
-                f"used entry {r.where}: {fault_message(r.fault, r.detail)}"
-            )
+            raise self._push_error(stop)
         if self._log is not None or not self._event_idx:
             self._pushed(old, new)
             return self._decide(word), more
@@ -653,6 +640,17 @@ class SplitRing:
         if not valid:
             return True, more
         return (new - (word >> 16) - 1) & 0xFFFF < (new - signalled) & 0xFFFF, more
+
+    def _push_error(self, stop: RingStop) -> Exception:
+        # A native push or completion refused (nothing was written).
+        walker = self._walker
+        if stop is RingStop.RING:
+            return RingStateError(
+                f"a split ring part at {walker.last_push(stop).detail:#x} is not "
+                f"inside one guest memory region, or not aligned in host memory"
+            )
+        r = walker.last_push(stop)
+        return ValueError(f"used entry {r.where}: {fault_message(r.fault, r.detail)}")
 
     def _push_python(self, entries: Sequence[int]) -> int:
         inflight = self._walker.inflight

@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
 from vubackend.errors import RingStateError
-from vubackend.memory import GuestAddress, GuestMemory, GuestMemoryAtomic, MemoryLease
+from vubackend.memory import GuestAddress, GuestMemoryAtomic, MemoryLease
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import QueueFeatures
+from vubackend.vring._drain import drain_batches, drain_chains
 from vubackend.vring._queue import Queue
 from vubackend.vring._tracker import AnyInflightTracker
 
@@ -233,89 +234,88 @@ class VringState:
                 its batch are then not returned).
         """
         if self._lease is not None:
-            return self._drain(serve, busy_poll, max_chains)
+            return drain_chains(
+                self._lease,
+                self._queue,
+                self.signal_used_queue,
+                serve,
+                busy_poll,
+                max_chains,
+            )
         self.hold()
         try:
-            return self._drain(serve, busy_poll, max_chains)
+            return drain_chains(
+                self._hold_lease,
+                self._queue,
+                self.signal_used_queue,
+                serve,
+                busy_poll,
+                max_chains,
+            )
         finally:
             self.unhold()
 
-    def _drain(
+    def drain_batches(
         self,
-        serve: Callable[[DescriptorChain], int],
-        busy_poll: float,
-        max_chains: int | None,
+        serve: Callable[[ChainBatch], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+        budget: int | None = None,
     ) -> int:
-        lease = self._lease
-        assert lease is not None
-        queue = self._queue
-        limit = queue.size if max_chains is None else max_chains
-        if limit <= 0:
-            return 0
-        mem = lease.current()
-        # The engine itself when the queue adds nothing (no inflight
-        # tracker): one layer less on every pop and completion. The engine
-        # cannot change during the hold (that takes the ring's lock).
-        engine = queue.plain_engine(mem)
-        pop: Callable[[GuestMemory, int], list[DescriptorChain]]
-        complete: Callable[[GuestMemory, list[int]], tuple[bool, bool]]
-        settle: Callable[[], None] | None = None
-        if engine is not None:
-            pop, complete = engine.pop, engine.complete
-        else:
-            # Through the queue (an inflight tracker records each pop and
-            # completion; its record of a completion is finished by settle(),
-            # after the driver was signalled).
-            pop, complete, settle = queue.pop_chains, queue.complete, queue.settle
-        served = 0
-        if busy_poll:
-            queue.disable_notification(mem)
-        call = self._call
-        while True:
-            chains = pop(mem, limit)
-            if chains:
-                if len(chains) == 1:
-                    chain = chains[0]
-                    flat = [chain.head, serve(chain)]
-                else:
-                    flat = []
-                    for chain in chains:
-                        flat.append(chain.head)
-                        flat.append(serve(chain))
-                # One publication, one fence, then: interrupt? more work?
-                # (The avail_event the pop left is the re-arm: a chain added
-                # after it is seen here or kicked, §5.4 rule 6.) On the
-                # snapshot the chains came from: the lease still holds it.
-                signal, more = complete(mem, flat)
-                served += len(chains)
-                if signal and call is not None:
-                    # signal_used_queue, inline.
-                    self.calls += 1
-                    try:
-                        os.write(call, _ONE)
-                    except BlockingIOError:
-                        pass  # the counter is saturated: the driver wakes anyway
-                    except OSError as exc:
-                        raise RingStateError(
-                            f"cannot signal the call eventfd: {exc}"
-                        ) from exc
-                if settle is not None:
-                    settle()
-                if more or busy_poll:
-                    mem = lease.current()  # a new table, if one came meanwhile
-                    continue
-                return served
-            if not busy_poll:
-                return served
-            mem = lease.current()
-            if queue.poll_available(mem, busy_poll):
-                continue
-            # Kicks back on, then one more look: a chain that came in between
-            # would otherwise wait for a kick the driver suppressed.
-            if not queue.enable_notification(mem):
-                return served
-            queue.disable_notification(mem)
-            mem = lease.current()
+        """:meth:`drain` for chains the device only reads (a transmit queue,
+        a sink): pop a batch, hand it to ``serve(batch)`` whole (a
+        :class:`ChainBatch`: lengths and ids without an object per chain,
+        ``batch.chains()`` when the data is needed), return the chains it
+        took with used length 0 in one publication, signal the driver if it
+        wants an interrupt, and go on until the ring is empty.
+
+        ``serve`` returns how many of the batch's chains (from the first) it
+        took. Fewer than all ends the drain: the others stay in flight and
+        are the caller's (keep them, e.g. ``batch.chains()[taken:]``, and
+        return them with ``add_used`` once done).
+
+        Args:
+            serve: the device's work for one batch; returns the chains taken.
+            busy_poll: as :meth:`drain`.
+            max_chains: most chains per batch (default: the queue size).
+            budget: stop after about this many chains (a batch is never
+                split), so that a busy ring cannot starve the worker's other
+                queues (default: no limit).
+
+        Returns:
+            The number of chains taken.
+
+        Raises:
+            ValueError: ``serve`` returned more than the batch's chains.
+            DescriptorChainError: as :meth:`drain`.
+            RingStateError: as :meth:`drain`.
+            Exception: whatever ``serve`` raised (its batch is then not
+                returned).
+        """
+        if self._lease is not None:
+            return drain_batches(
+                self._lease,
+                self._queue,
+                self.signal_used_queue,
+                serve,
+                busy_poll,
+                max_chains,
+                budget,
+            )
+        self.hold()
+        try:
+            return drain_batches(
+                self._hold_lease,
+                self._queue,
+                self.signal_used_queue,
+                serve,
+                busy_poll,
+                max_chains,
+                budget,
+            )
+        finally:
+            self.unhold()
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
         """Pop the available chains as batches, without an object per chain

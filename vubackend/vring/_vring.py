@@ -23,6 +23,7 @@ from typing import Protocol, final
 from vubackend.memory import GuestAddress, GuestMemoryAtomic
 from vubackend.vring._chain import ChainBatch, DescriptorChain
 from vubackend.vring._defs import QueueFeatures
+from vubackend.vring._drain import drain_batches, drain_chains
 from vubackend.vring._rwlock import RwLock
 from vubackend.vring._state import VringState
 from vubackend.vring._tracker import AnyInflightTracker
@@ -106,6 +107,18 @@ class VringT(Protocol):
         max_chains: int | None = None,
     ) -> int:
         """Serve every available chain with ``serve`` until the ring is empty."""
+        ...
+
+    def drain_batches(
+        self,
+        serve: Callable[[ChainBatch], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+        budget: int | None = None,
+    ) -> int:
+        """Serve every available chain a batch at a time with ``serve``
+        (chains the device only reads)."""
         ...
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
@@ -311,7 +324,45 @@ class _LockedVring:
         with self._exclusive:
             state._lease = state._hold_lease  # hold()
             try:
-                return state._drain(serve, busy_poll, max_chains)
+                return drain_chains(
+                    state._hold_lease,
+                    state.queue,
+                    state.signal_used_queue,
+                    serve,
+                    busy_poll,
+                    max_chains,
+                )
+            finally:
+                state.unhold()
+
+    def drain_batches(
+        self,
+        serve: Callable[[ChainBatch], int],
+        *,
+        busy_poll: float = 0.0,
+        max_chains: int | None = None,
+        budget: int | None = None,
+    ) -> int:
+        """Serve every available chain a batch at a time
+        (:meth:`VringState.drain_batches`), holding the exclusive lock and
+        one memory lease for the whole drain.
+
+        Returns:
+            The number of chains taken.
+        """
+        state = self._state
+        with self._exclusive:
+            state._lease = state._hold_lease  # hold()
+            try:
+                return drain_batches(
+                    state._hold_lease,
+                    state.queue,
+                    state.signal_used_queue,
+                    serve,
+                    busy_poll,
+                    max_chains,
+                    budget,
+                )
             finally:
                 state.unhold()
 
