@@ -322,8 +322,6 @@ def run_net(args: argparse.Namespace, stop: threading.Event) -> int:
                 p.tx_frames,
                 p.rx_frames,
             )
-        for ring, (kicks, calls) in enumerate(device.ring_counters()):
-            log.info("net ring %d: %d kicks, %d calls", ring, kicks, calls)
         device.close()
     return 0
 

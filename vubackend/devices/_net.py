@@ -9,9 +9,11 @@
 #   except the generation counter, which the request thread bumps when a
 #   ring of the pair (re)starts so that the worker forgets chains it held
 #   from the ring's previous life.
-# * The data path works per batch: chains are popped by the batch, returned
-#   with one add_used_many per ring per round, and the driver is signalled
-#   at most once per ring per round. A busy pair yields its worker after
+# * The data path works per batch: TX chains are popped, handed to the link
+#   and returned a batch at a time (VringT.drain_batches: one publication
+#   and at most one interrupt per batch, no object per frame for a link
+#   that needs only lengths); RX chains are returned with one add_used_many
+#   and at most one interrupt per round. A busy pair yields its worker after
 #   MAX_ROUNDS rounds (a wake-up brings it back), so that the worker's other
 #   events and a ring stop are not held off. Per frame there is one copy
 #   (TX buffer to RX buffer for the loopback; link buffer to RX buffer
@@ -33,6 +35,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -57,7 +60,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from vubackend.daemon import VhostUserDaemon, VringEpollHandler
-    from vubackend.vring import DescriptorChain, VringT
+    from vubackend.vring import ChainBatch, DescriptorChain, VringT
 
 __all__ = ["NetDevice", "NetFeatures", "NetStats"]
 
@@ -98,6 +101,8 @@ _LINK_UP: Final = 1
 _CTRL_MAX: Final = 64 * 1024
 # Chains popped per call: a TX batch; RX chains popped ahead of need.
 TX_BATCH: Final = 256
+# Most TX chains per pump round (the RX side gets its turn in between).
+TX_BUDGET: Final = 1024
 RX_BATCH: Final = 64
 # Frames taken from the link per round before TX gets a turn again.
 RX_BUDGET: Final = 256
@@ -136,10 +141,8 @@ class _Pair:
     """One queue pair, as its worker sees it."""
 
     __slots__ = (
-        "calls",
         "errors",
         "index",
-        "kicks",
         "pending",
         "pending_rx",
         "rx",
@@ -181,9 +184,6 @@ class _Pair:
         self.tx_frames = self.tx_bytes = 0
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.errors = 0
-        # Per ring of the pair (RX, TX): kicks served, calls signalled.
-        self.kicks = [0, 0]
-        self.calls = [0, 0]
 
     def forget(self, *, rx: bool = True, tx: bool = True) -> None:
         # Chains of a ring that restarted or broke: never handed back. A
@@ -320,11 +320,6 @@ class NetDevice(VhostUserBackend):
             control_commands=self._control_ok if whole else 0,
         )
 
-    def ring_counters(self) -> list[tuple[int, int]]:
-        """(kicks served, calls signalled) of each data ring, by queue
-        index (RX rings even, TX rings odd)."""
-        return [(p.kicks[r], p.calls[r]) for p in self._pairs for r in range(2)]
-
     def attach(self, daemon: VhostUserDaemon) -> None:
         """Register the device's fds (a wake-up eventfd per pair, the
         link's fds) on the workers of ``daemon``, which must serve this
@@ -453,8 +448,6 @@ class NetDevice(VhostUserBackend):
             if device_event == 0:
                 self._control(vrings[0])
             return
-        if device_event < 2:
-            pair.kicks[device_event] += 1
         if pair.rx is None:
             pair.rx, pair.tx = vrings[0], vrings[1]
         if thread_id < self._usable:
@@ -541,53 +534,43 @@ class NetDevice(VhostUserBackend):
             p.forget()
 
     def _transmit(self, p: _Pair, tx: VringT) -> int:
-        # Per batch: chains are popped as ChainBatch records (no object per
-        # frame unless the link needs the data), completed by id with one
-        # publish in _flush.
-        done = 0
+        # Per batch: the ring hands whole batches to _take_batch (ids and
+        # lengths, no object per frame unless the link needs the data) and
+        # returns what it took with one publication each (drain_batches).
+        # Chains a link could not take wait in p.pending, first in line.
         p.tx_blocked = False
-        header = self._header
-        link = self._link
         tx.disable_notification()
-        while True:
-            if p.pending:
-                chains, p.pending = p.pending, []
-                taken = link.transmit(p.index, chains, header)
-                kept = chains[:taken]
-                p.tx_used += [c.head for c in kept]
-                size = sum(c.readable_len for c in kept)
-                rest = chains[taken:]
-                popped = len(chains)
-            else:
-                batches = tx.pop_batches(TX_BATCH)
-                if not batches:
-                    return done
-                taken = popped = size = 0
-                rest = []
-                for batch in batches:
-                    n = len(batch)
-                    popped += n
-                    if rest:
-                        rest += batch.chains()
-                        continue
-                    got = link.transmit_batch(p.index, batch, header)
-                    taken += got
-                    if got == n:
-                        p.tx_used += batch.heads
-                        size += sum(batch.readable_lens)
-                    else:
-                        p.tx_used += batch.heads[:got]
-                        size += sum(batch.readable_lens[:got])
-                        rest = batch.chains()[got:]
+        done = 0
+        if p.pending:
+            chains, p.pending = p.pending, []
+            header = self._header
+            taken = self._link.transmit(p.index, chains, header)
+            kept = chains[:taken]
+            p.tx_used += [c.head for c in kept]
             p.tx_frames += taken
-            p.tx_bytes += max(size - header * taken, 0)
-            done += taken
-            if rest:
-                p.pending = rest
+            p.tx_bytes += sum(max(c.readable_len - header, 0) for c in kept)
+            if taken < len(chains):
+                p.pending = chains[taken:]
                 p.tx_blocked = True
-                return done
-            if popped < TX_BATCH:
-                return done
+                return taken
+            done = taken
+        serve = functools.partial(self._take_batch, p)
+        return done + tx.drain_batches(serve, max_chains=TX_BATCH, budget=TX_BUDGET)
+
+    def _take_batch(self, p: _Pair, batch: ChainBatch) -> int:
+        # One TX batch to the link; what it did not take waits in p.pending.
+        header = self._header
+        count = len(batch)
+        taken = self._link.transmit_batch(p.index, batch, header)
+        if taken == count:
+            p.tx_bytes += batch.readable_bytes(header)
+        else:
+            lengths = batch.readable_lens[:taken]
+            p.tx_bytes += sum(max(n - header, 0) for n in lengths)
+            p.pending = batch.chains()[taken:]
+            p.tx_blocked = True
+        p.tx_frames += taken
+        return taken
 
     def _receive(self, p: _Pair) -> int:
         done = 0
@@ -717,13 +700,11 @@ class NetDevice(VhostUserBackend):
         if p.tx_used:
             tx.add_used_heads(p.tx_used)  # TX chains: used length 0
             p.tx_used = []
-            if tx.signal_if_needed():
-                p.calls[1] += 1
+            tx.signal_if_needed()
         if p.rx_used:
             rx.add_used_many(p.rx_used)
             p.rx_used = []
-            if rx.signal_if_needed():
-                p.calls[0] += 1
+            rx.signal_if_needed()
 
     # ------------------------------------------------------------ config, control
 

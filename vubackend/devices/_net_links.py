@@ -214,14 +214,10 @@ class SinkLink(Link):
         return len(frames)
 
     def transmit_batch(self, pair: int, batch: ChainBatch, header_size: int) -> int:
-        lengths = batch.readable_lens
-        n = len(lengths)
-        size = sum(lengths) - header_size * n
-        if lengths and min(lengths) < header_size:
-            # A chain shorter than its header counts as 0 bytes.
-            size = sum(max(length - header_size, 0) for length in lengths)
+        n = len(batch)
         self._dropped[pair] += n
-        self._dropped_bytes[pair] += size
+        # A chain shorter than its header counts as 0 bytes.
+        self._dropped_bytes[pair] += batch.readable_bytes(header_size)
         return n
 
     def receive(self, pair: int) -> bytes | bytearray | memoryview | None:
