@@ -453,7 +453,6 @@ class RingWalker:
 
     __slots__ = (
         "_bound",
-        "_chain_bytes",
         "_chain_words",
         "_chains",
         "_entries",
@@ -467,7 +466,6 @@ class RingWalker:
         "_qsize",
         "_ring",
         "_scratch",
-        "_seg_bytes",
         "_seg_words",
         "_segs",
         "_state",
@@ -503,12 +501,13 @@ class RingWalker:
         self.inflight: memoryview = memoryview(self._inflight_buf).cast("Q")
         """The in-flight table, one u64 per id (see the class docstring)."""
         self._inflight_ptr = _from_buffer("uint64_t[]", self._inflight_buf)
-        self._chains = _ffi.new("uint32_t[]", max_chains * CHAIN_WORDS)
-        self._chain_bytes = memoryview(_ffi.buffer(self._chains))
-        self._chain_words = self._chain_bytes.cast("I")
-        self._segs = _ffi.new("uint64_t[]", 2 * self._max_segs)
-        self._seg_bytes = memoryview(_ffi.buffer(self._segs))
-        self._seg_words = self._seg_bytes.cast("Q")
+        # The walks' outputs are arrays pinned for C (an exported array
+        # cannot be resized): a pop's result is then copied out with one
+        # slice each.
+        self._chain_words = array("I", bytes(4 * CHAIN_WORDS * max_chains))
+        self._chains = _from_buffer("uint32_t[]", self._chain_words)
+        self._seg_words = array("Q", bytes(16 * self._max_segs))
+        self._segs = _from_buffer("uint64_t[]", self._seg_words)
         self._state = _ffi.new("uint64_t[]", _STATE_WORDS)
         # Reading the results through a memoryview is several times cheaper
         # than indexing the cffi array (one call per index).
@@ -648,10 +647,8 @@ class RingWalker:
         if not count:
             return (_STOPS[stop], 0, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], None)
         # take(), inline.
-        chains = array("I")
-        chains.frombytes(self._chain_bytes[: 4 * CHAIN_WORDS * count])
-        segments = array("Q")
-        segments.frombytes(self._seg_bytes[: 16 * st[_S_SEGS]])
+        chains = self._chain_words[: CHAIN_WORDS * count]
+        segments = self._seg_words[: 2 * st[_S_SEGS]]
         taken = (
             chains,
             segments,
@@ -666,10 +663,8 @@ class RingWalker:
         """The last pop's ``count`` chains: copies of their record words and
         their segment words, and the segment words pinned for
         ``chain_copy`` / ``chain_file_io``."""
-        chains = array("I")
-        chains.frombytes(self._chain_bytes[: 4 * CHAIN_WORDS * count])
-        segments = array("Q")
-        segments.frombytes(self._seg_bytes[: 16 * self._state_words[_S_SEGS]])
+        chains = self._chain_words[: CHAIN_WORDS * count]
+        segments = self._seg_words[: 2 * self._state_words[_S_SEGS]]
         return chains, segments, _from_buffer("uint64_t[]", segments)
 
     def last_pop(self, stop: RingStop) -> PopResult:
@@ -846,10 +841,8 @@ class RingWalker:
         if count:
             # Copies as arrays: one memcpy each, instead of an int object per
             # word (tolist), which cost more than the C walk itself.
-            chains = array("I")
-            chains.frombytes(self._chain_words[: count * CHAIN_WORDS].cast("B"))
-            segments = array("Q")
-            segments.frombytes(self._seg_words[: 2 * st[_S_SEGS]].cast("B"))
+            chains = self._chain_words[: count * CHAIN_WORDS]
+            segments = self._seg_words[: 2 * st[_S_SEGS]]
         else:
             # Shared and empty: an empty pop (every drain ends with one)
             # allocates nothing. Nobody appends to a result.

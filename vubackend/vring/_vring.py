@@ -326,7 +326,7 @@ class _LockedVring:
             try:
                 return drain_chains(
                     state._hold_lease,
-                    state.queue,
+                    state._queue,
                     state.signal_used_queue,
                     serve,
                     busy_poll,
@@ -356,7 +356,7 @@ class _LockedVring:
             try:
                 return drain_batches(
                     state._hold_lease,
-                    state.queue,
+                    state._queue,
                     state.signal_used_queue,
                     serve,
                     busy_poll,
