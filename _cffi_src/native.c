@@ -1147,6 +1147,136 @@ int64_t vu_chain_copy(const vu_region *regions, uint32_t nregions,
     return (int64_t)done;
 }
 
+/* The writable segments of chain record `rec`: [*first, *first + *count).
+ * A record is only read here (and its range checked by the copy). */
+static void vu_writable(const uint32_t *rec, uint32_t *first, uint32_t *count)
+{
+    *first = rec[2] + rec[4];
+    *count = rec[4] <= rec[3] ? rec[3] - rec[4] : 0;
+}
+
+/* Fill chains [0, count) of a pop, chain k with prefix then frame k (bytes
+ * [sum(lengths[:k]), + lengths[k]) of blob); used[k] gets the bytes written.
+ * Stops at the first frame its chain cannot hold (nothing written into that
+ * chain); returns the chains filled, or a negative errno (-ERANGE: the
+ * frames overrun blob, or a segment range is outside segs; -EFAULT: a
+ * segment outside its region or a record that lies about its length). */
+int64_t vu_chains_fill(const vu_region *regions, uint32_t nregions,
+                       const uint64_t *segs, uint32_t nsegs, const uint32_t *records,
+                       uint32_t count, const uint8_t *prefix, uint32_t prefix_len,
+                       const uint8_t *blob, uint64_t blob_len, const uint32_t *lengths,
+                       uint32_t *used)
+{
+    uint64_t at = 0;
+    for (uint32_t c = 0; c < count; c++) {
+        const uint32_t *rec = records + (size_t)c * (size_t)VU_CHAIN_WORDS;
+        uint64_t frame = lengths[c];
+        if (frame > blob_len - at)
+            return -ERANGE;
+        uint64_t need = (uint64_t)prefix_len + frame;
+        if (rec[6] < need)
+            return c;
+        uint32_t first, n;
+        vu_writable(rec, &first, &n);
+        int64_t a = vu_chain_write(regions, nregions, segs, nsegs, first, n, 0, prefix,
+                                   prefix_len);
+        if (a < 0)
+            return a;
+        int64_t b = vu_chain_write(regions, nregions, segs, nsegs, first, n, prefix_len,
+                                   blob + at, frame);
+        if (b < 0)
+            return b;
+        if ((uint64_t)a + (uint64_t)b != need)
+            return -EFAULT;
+        used[c] = (uint32_t)need;
+        at += frame;
+    }
+    return count;
+}
+
+/* Copy `length` bytes from segments [sf, sf + sc) of src, from byte sskip,
+ * into segments [df, df + dc) of dst, from byte dskip (both ranges
+ * checked). Returns the bytes copied or a negative errno. */
+static int64_t vu_segs_copy(const vu_region *regions, uint32_t nregions,
+                            const uint64_t *src, uint32_t src_n, uint32_t sf,
+                            uint32_t sc, uint64_t sskip, const uint64_t *dst,
+                            uint32_t dst_n, uint32_t df, uint32_t dc, uint64_t dskip,
+                            uint64_t length)
+{
+    int bad = vu_check_segs(regions, nregions, src, src_n, sf, sc);
+    if (!bad)
+        bad = vu_check_segs(regions, nregions, dst, dst_n, df, dc);
+    if (bad)
+        return bad;
+    uint32_t i, j;
+    uint64_t si, di;
+    vu_seek(src, sf, sc, sskip, &i, &si);
+    vu_seek(dst, df, dc, dskip, &j, &di);
+    uint64_t done = 0;
+    while (done < length && i < sf + sc && j < df + dc) {
+        uint64_t smeta = src[2 * (size_t)i + 1], dmeta = dst[2 * (size_t)j + 1];
+        uint64_t sl = (smeta & 0xFFFFFFFFu) - si, dl = (dmeta & 0xFFFFFFFFu) - di;
+        uint64_t n = sl < dl ? sl : dl;
+        if (n > length - done)
+            n = length - done;
+        memmove(regions[(dmeta >> 32) & 0x7FFFFFFFu].host + dst[2 * (size_t)j] + di,
+                regions[(smeta >> 32) & 0x7FFFFFFFu].host + src[2 * (size_t)i] + si,
+                (size_t)n);
+        done += n;
+        si += n;
+        di += n;
+        if (si == (smeta & 0xFFFFFFFFu)) {
+            i++;
+            si = 0;
+        }
+        if (di == (dmeta & 0xFFFFFFFFu)) {
+            j++;
+            di = 0;
+        }
+    }
+    return (int64_t)done;
+}
+
+/* Chain k of dst gets prefix, then the readable bytes of chain k of src
+ * after its first `skip` (a frame passed from one queue to another without
+ * a copy through Python); used[k] gets the bytes written. Stops at the
+ * first source chain with nothing after skip, or whose frame the
+ * destination chain cannot hold (nothing written into it); returns the
+ * chains filled, or a negative errno as vu_chains_fill. */
+int64_t vu_chains_forward(const vu_region *regions, uint32_t nregions,
+                          const uint64_t *src_segs, uint32_t src_nsegs,
+                          const uint32_t *src_records, const uint64_t *dst_segs,
+                          uint32_t dst_nsegs, const uint32_t *dst_records,
+                          uint32_t count, uint32_t skip, const uint8_t *prefix,
+                          uint32_t prefix_len, uint32_t *used)
+{
+    for (uint32_t c = 0; c < count; c++) {
+        const uint32_t *s = src_records + (size_t)c * (size_t)VU_CHAIN_WORDS;
+        const uint32_t *d = dst_records + (size_t)c * (size_t)VU_CHAIN_WORDS;
+        if (s[5] <= skip)
+            return c;
+        uint64_t frame = (uint64_t)s[5] - skip;
+        uint64_t need = (uint64_t)prefix_len + frame;
+        if (d[6] < need)
+            return c;
+        uint32_t df, dn;
+        vu_writable(d, &df, &dn);
+        uint32_t sn = s[4] <= s[3] ? s[4] : s[3];
+        int64_t a = vu_chain_write(regions, nregions, dst_segs, dst_nsegs, df, dn, 0,
+                                   prefix, prefix_len);
+        if (a < 0)
+            return a;
+        int64_t b = vu_segs_copy(regions, nregions, src_segs, src_nsegs, s[2], sn, skip,
+                                 dst_segs, dst_nsegs, df, dn, prefix_len, frame);
+        if (b < 0)
+            return b;
+        if ((uint64_t)a + (uint64_t)b != need)
+            return -EFAULT;
+        used[c] = (uint32_t)need;
+    }
+    return count;
+}
+
 int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,
                          uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
                          uint32_t first, uint32_t count, uint64_t skip,
@@ -1214,18 +1344,19 @@ int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
 }
 
 /* vu_ring_complete of the first count chains of a pop's records (the ids at
- * word 0 of each VU_CHAIN_WORDS), every one with the same used length: a
- * batch of chains the device only read is returned without a Python object
- * per chain. The (id, len) pairs are built in the ring's scratch space
- * (2 * max_chains words: one pop's worth). */
+ * word 0 of each VU_CHAIN_WORDS), every one with used length `length`, or
+ * lengths[k] when lengths is not NULL: a batch is returned without a Python
+ * object per chain. The (id, len) pairs are built in the ring's scratch
+ * space (2 * max_chains words: one pop's worth). */
 int vu_ring_complete_records(vu_ring *r, uint32_t flags, const uint32_t *records,
-                             uint32_t count, uint32_t length)
+                             uint32_t count, uint32_t length,
+                             const uint32_t *lengths)
 {
     if (r->scratch == NULL || count > r->max_chains)
         return VU_STOP_ARGS;
     for (uint32_t k = 0; k < count; k++) {
         r->scratch[2 * (size_t)k] = records[(size_t)k * (size_t)VU_CHAIN_WORDS];
-        r->scratch[2 * (size_t)k + 1] = length;
+        r->scratch[2 * (size_t)k + 1] = lengths ? lengths[k] : length;
     }
     return vu_ring_complete(r, flags, r->scratch, count);
 }

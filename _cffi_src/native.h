@@ -154,7 +154,8 @@ int vu_ring_complete(vu_ring *r, uint32_t flags, const uint32_t *entries,
 int vu_ring_complete1(vu_ring *r, uint32_t flags, uint32_t ident,
                       uint32_t length);
 int vu_ring_complete_records(vu_ring *r, uint32_t flags, const uint32_t *records,
-                             uint32_t count, uint32_t length);
+                             uint32_t count, uint32_t length,
+                             const uint32_t *lengths);
 uint64_t vu_records_sum(const uint32_t *records, uint32_t count, uint32_t field,
                         uint32_t skip);
 
@@ -165,6 +166,8 @@ uint64_t vu_records_sum(const uint32_t *records, uint32_t count, uint32_t field,
  * walks' output (2 words each); they are re-checked against the table.
  * They return the bytes moved, or a negative errno (-ERANGE: the segment
  * range is outside the array; -EFAULT: a segment outside its region).
+ * vu_chains_fill and vu_chains_forward fill many chains of a pop (one frame
+ * each, after a prefix) and return how many they filled.
  */
 
 static const int VU_CHAIN_IOV;
@@ -177,6 +180,17 @@ int64_t vu_chain_write(const vu_region *regions, uint32_t nregions,
                        const uint64_t *segs, uint32_t nsegs, uint32_t first,
                        uint32_t count, uint64_t skip, const uint8_t *src,
                        uint64_t length);
+int64_t vu_chains_fill(const vu_region *regions, uint32_t nregions,
+                       const uint64_t *segs, uint32_t nsegs, const uint32_t *records,
+                       uint32_t count, const uint8_t *prefix, uint32_t prefix_len,
+                       const uint8_t *blob, uint64_t blob_len, const uint32_t *lengths,
+                       uint32_t *used);
+int64_t vu_chains_forward(const vu_region *regions, uint32_t nregions,
+                          const uint64_t *src_segs, uint32_t src_nsegs,
+                          const uint32_t *src_records, const uint64_t *dst_segs,
+                          uint32_t dst_nsegs, const uint32_t *dst_records,
+                          uint32_t count, uint32_t skip, const uint8_t *prefix,
+                          uint32_t prefix_len, uint32_t *used);
 int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,
                          uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
                          uint32_t first, uint32_t count, uint64_t skip,

@@ -25,6 +25,8 @@ from vubackend._native import (
     chain_copy,
     chain_file_io,
     chain_write,
+    chains_fill,
+    chains_forward,
     pin_records,
     pin_segments,
     records_sum,
@@ -277,3 +279,56 @@ def test_chain_file_io_both_ways(
     assert path.read_bytes()[0x200:0x230] == b"A" * 0x30
     with pytest.raises(OSError, match="Bad file descriptor"):
         chain_file_io(fd, table, ptr, 2, 0, 1, 0, 0x10, 0, True)
+
+
+def record(first: int, nsegs: int, nread: int, rlen: int, wlen: int) -> list[int]:
+    """A chain record (native.c layout) over segments [first, first+nsegs)."""
+    return [0, 1, first, nsegs, nread, rlen, wlen, nsegs]
+
+
+def test_chains_fill_and_forward_check_what_they_are_given(
+    two_regions: tuple[bytearray, bytearray, RegionTable],
+) -> None:
+    a, b, table = two_regions
+    # Chain 0: 8 bytes in a, then 8 in b; chain 1: 4 bytes in a (too small
+    # for a 5-byte frame); chain 2: a readable 6-byte source in b.
+    segs = segments(
+        (0, 0x100, 8, True),
+        (1, 0x200, 8, True),
+        (0, 0x300, 4, True),
+        (1, 0x400, 6, False),
+    )
+    ptr = pin_segments(segs)
+    words = array(
+        "I", record(0, 2, 0, 0, 16) + record(2, 1, 0, 0, 4) + record(3, 1, 1, 6, 0)
+    )
+    records = pin_records(words)
+    used = array("I", [0, 0])
+    lengths = array("I", [10, 5])
+    done = chains_fill(
+        table, ptr, 4, records, 0, 2, b"PP", b"0123456789abcde", lengths, used
+    )
+    assert done == 1, "the second frame does not fit its chain"
+    assert list(used) == [12, 0]
+    assert bytes(a[0x100:0x108] + b[0x200:0x204]) == b"PP0123456789"
+    with pytest.raises(IndexError, match="overrun"):
+        chains_fill(table, ptr, 4, records, 0, 1, b"", b"short", array("I", [6]), used)
+    with pytest.raises(IndexError, match="outside"):
+        chains_fill(table, ptr, 4, records, 2, 2, b"", b"x", array("I", [1, 1]), used)
+    b[0x400:0x406] = b"SOURCE"
+    used = array("I", [0])
+    assert (
+        chains_forward(
+            table, (ptr, 4, records, 2), (ptr, 4, records, 0), 1, 2, b"H", used
+        )
+        == 1
+    )
+    assert list(used) == [5]
+    assert bytes(a[0x100:0x105]) == b"HURCE"
+    # A record that claims more room than its segments have is refused.
+    lying = pin_records(array("I", record(2, 1, 0, 0, 64)))
+    with pytest.raises(OSError, match="outside its memory region"):
+        chains_fill(table, ptr, 4, lying, 0, 1, b"", b"x" * 10, array("I", [10]), used)
+    table.release()
+    with pytest.raises(TableReleasedError):
+        chains_fill(table, ptr, 4, records, 0, 1, b"", b"x", array("I", [1]), used)

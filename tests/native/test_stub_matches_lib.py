@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -68,6 +69,10 @@ def test_stub_constants_are_ints() -> None:
         assert type(getattr(_atomics.lib, name)) is int
 
 
+# Parameters the C functions declare `const uint8_t *`.
+_BYTE_SOURCES: Final = frozenset({"src", "prefix", "blob"})
+
+
 def _annotation_for(ctype_kind: str, cname: str) -> str:
     if ctype_kind == "pointer":
         return "FFI.CData"
@@ -95,7 +100,7 @@ def test_stub_signature_matches_c(name: str) -> None:
     for param, carg in zip(params, ctype.args, strict=True):
         assert param.annotation is not None
         expected = {_annotation_for(carg.kind, carg.cname)}
-        if param.arg == "src" and carg.cname == "uint8_t *":
+        if param.arg in _BYTE_SOURCES and carg.cname == "uint8_t *":
             # A byte source C only reads (declared const): cffi also passes a
             # bytes object as it is.
             expected.add("FFI.CData | bytes")

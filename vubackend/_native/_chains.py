@@ -37,6 +37,8 @@ __all__ = [
     "chain_copy",
     "chain_file_io",
     "chain_write",
+    "chains_fill",
+    "chains_forward",
     "pin_records",
     "pin_segments",
     "records_sum",
@@ -48,6 +50,8 @@ _copy: Final = _atomics.lib.vu_chain_copy
 _write: Final = _atomics.lib.vu_chain_write
 _file_io: Final = _atomics.lib.vu_chain_file_io
 _records_sum: Final = _atomics.lib.vu_records_sum
+_fill: Final = _atomics.lib.vu_chains_fill
+_forward: Final = _atomics.lib.vu_chains_forward
 _CHAIN_WORDS: Final = _atomics.lib.VU_CHAIN_WORDS
 
 
@@ -232,4 +236,103 @@ def chain_file_io(
         raise _failed(
             result, "preadv into a chain" if to_chain else "pwritev of a chain"
         )
+    return result
+
+
+def _records_at(records: FFI.CData, first: int, count: int, what: str) -> FFI.CData:
+    # Chains [first, first + count) of pinned records, as a pointer.
+    if first < 0 or count < 0 or (first + count) * _CHAIN_WORDS > len(records):
+        raise IndexError(
+            f"{what} chains {first}..{first + count} are outside "
+            f"{len(records) // _CHAIN_WORDS} records"
+        )
+    ptr: FFI.CData = records + first * _CHAIN_WORDS
+    return ptr
+
+
+def chains_fill(
+    table: RegionTable,
+    segs: FFI.CData,
+    nsegs: int,
+    records: FFI.CData,
+    first: int,
+    count: int,
+    prefix: bytes,
+    blob: bytes,
+    lengths: array[int],
+    used: array[int],
+) -> int:
+    """Fill chains ``[first, first + count)`` of a pop, one frame each, in
+    one GIL-free call: chain ``first + k`` gets ``prefix``, then frame
+    ``k`` (the next ``lengths[k]`` bytes of ``blob``); ``used[k]`` gets the
+    bytes written. Stops at the first frame its chain cannot hold.
+
+    Returns:
+        The chains filled.
+
+    Raises:
+        TableReleasedError: the table was released.
+        IndexError: the chains are outside the records, ``lengths`` or
+            ``used`` are shorter than ``count``, the frames overrun
+            ``blob``, or a segment range is outside the segments.
+        OSError: a segment lies outside its region (EFAULT).
+    """
+    recs = _records_at(records, first, count, "filled")
+    if len(lengths) < count or len(used) < count:
+        raise IndexError(f"{count} chains, {len(lengths)} lengths, {len(used)} used")
+    if sum(lengths[:count]) > len(blob):
+        raise IndexError(f"{count} frames overrun the {len(blob)} bytes given")
+    out = _from_buffer("uint32_t[]", used, require_writable=True)
+    keep = table._pins
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    result: int = _fill(
+        table._table, table._count, segs, nsegs, recs, count, prefix, len(prefix),
+        blob, len(blob), _from_buffer("uint32_t[]", lengths), out,
+    )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(result, "chain fill")
+    return result
+
+
+def chains_forward(
+    table: RegionTable,
+    src: tuple[FFI.CData, int, FFI.CData, int],
+    dst: tuple[FFI.CData, int, FFI.CData, int],
+    count: int,
+    skip: int,
+    prefix: bytes,
+    used: array[int],
+) -> int:
+    """Chain ``k`` of ``dst`` gets ``prefix``, then the readable bytes of
+    chain ``k`` of ``src`` after its first ``skip``, for ``k`` in
+    ``range(count)``, in one GIL-free call; ``used[k]`` gets the bytes
+    written. ``src`` and ``dst`` are ``(segs, nsegs, records, first)``, both
+    walked against ``table``. Stops at the first source chain with nothing
+    after ``skip``, or whose frame the destination chain cannot hold.
+
+    Returns:
+        The chains filled.
+
+    Raises:
+        As :func:`chains_fill`.
+    """
+    src_segs, src_nsegs, src_records, src_first = src
+    dst_segs, dst_nsegs, dst_records, dst_first = dst
+    src_recs = _records_at(src_records, src_first, count, "source")
+    dst_recs = _records_at(dst_records, dst_first, count, "destination")
+    if len(used) < count:
+        raise IndexError(f"{count} chains, {len(used)} used")
+    out = _from_buffer("uint32_t[]", used, require_writable=True)
+    keep = table._pins
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    result: int = _forward(
+        table._table, table._count, src_segs, src_nsegs, src_recs, dst_segs,
+        dst_nsegs, dst_recs, count, skip, prefix, len(prefix), out,
+    )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(result, "chain forward")
     return result

@@ -785,27 +785,40 @@ class RingWalker:
         flags: int,
         records: FFI.CData,
         count: int,
-        length: int,
+        length: int | array[int],
+        first: int = 0,
     ) -> tuple[RingStop, int, int, int, bool]:
-        """:meth:`complete` of the first ``count`` chains of a pop's records
-        (pinned with ``pin_records``), every one with used length
-        ``length``: a batch returned without an int per chain.
+        """:meth:`complete` of chains ``[first, first + count)`` of a pop's
+        records (pinned with ``pin_records``), every one with used length
+        ``length``, or ``length[k]`` when it is an ``array('I')``: a batch
+        returned without an int per chain.
 
         Raises:
-            ValueError: not bound, the table was released, ``count`` records
-                are not in ``records`` or exceed one pop's worth, or an
-                argument is out of range.
+            ValueError: not bound, the table was released, the chains are
+                not in ``records``, ``length`` is shorter than ``count``,
+                more than one pop's worth, or an argument is out of range.
         """
         table = self._bound
         if table is None or table._count < 0:
             raise ValueError("the walker is not bound to a live region table")
-        if count * CHAIN_WORDS > len(records):
-            raise ValueError(f"{count} chains are not in {len(records)} record words")
+        if first < 0 or count < 0 or (first + count) * CHAIN_WORDS > len(records):
+            raise ValueError(
+                f"chains {first}..{first + count} are not in {len(records)} "
+                f"record words"
+            )
+        ptr = _ffi.NULL
+        if not isinstance(length, int):
+            if len(length) < count or length.typecode != "I":
+                raise ValueError(f"{count} chains need an array('I') of lengths")
+            ptr = _from_buffer("uint32_t[]", length)
+            length = 0
         st = self._state_words
         st[_S_NEXT_USED] = next_used
         st[_S_USED_WRAP] = used_wrap
         try:
-            stop = _ring_complete_records(self._ring, flags, records, count, length)
+            stop = _ring_complete_records(
+                self._ring, flags, records + first * CHAIN_WORDS, count, length, ptr
+            )
         except OverflowError as exc:
             raise ValueError(f"count {count} or length {length} is not a u32") from exc
         if stop == _ARGS:

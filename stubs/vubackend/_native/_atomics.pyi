@@ -149,7 +149,47 @@ class _Lib:
         self, r: FFI.CData, flags: int, ident: int, length: int, /
     ) -> int: ...
     def vu_ring_complete_records(
-        self, r: FFI.CData, flags: int, records: FFI.CData, count: int, length: int, /
+        self,
+        r: FFI.CData,
+        flags: int,
+        records: FFI.CData,
+        count: int,
+        length: int,
+        lengths: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_chains_fill(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        segs: FFI.CData,
+        nsegs: int,
+        records: FFI.CData,
+        count: int,
+        prefix: FFI.CData | bytes,
+        prefix_len: int,
+        blob: FFI.CData | bytes,
+        blob_len: int,
+        lengths: FFI.CData,
+        used: FFI.CData,
+        /,
+    ) -> int: ...
+    def vu_chains_forward(
+        self,
+        regions: FFI.CData,
+        nregions: int,
+        src_segs: FFI.CData,
+        src_nsegs: int,
+        src_records: FFI.CData,
+        dst_segs: FFI.CData,
+        dst_nsegs: int,
+        dst_records: FFI.CData,
+        count: int,
+        skip: int,
+        prefix: FFI.CData | bytes,
+        prefix_len: int,
+        used: FFI.CData,
+        /,
     ) -> int: ...
     def vu_records_sum(
         self, records: FFI.CData, count: int, field: int, skip: int, /
