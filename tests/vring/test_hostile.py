@@ -14,6 +14,9 @@ of every chain it gets and returns the chains. Checked, on both paths:
   the same errors and the same bytes in memory, and so does the batch API
   (pop_batches: ids and lengths read per batch, completion with
   add_used_heads);
+* so does filling whole batches in one native call (ChainBatch.fill, with
+  the bytes the chains path writes) completed from their records
+  (add_used_batch);
 * for a device that only reads (half the examples), so does the batch
   drain (drain_batches: each batch returned with used length 0 from its
   records in one completion), on both engines.
@@ -250,7 +253,9 @@ def drive(
 ) -> tuple[Outcome, list[tuple[int, int]]]:
     """Pop until dry; returns what happened and the writable ranges written.
     mode: "chains" (pop_chains, add_used_many), "batches" (pop_batches,
-    add_used_heads) or "drain" (drain_batches; only for a read-only case)."""
+    add_used_heads), "fill" (pop_batches, ChainBatch.fill with what "chains"
+    writes, add_used_batch) or "drain" (drain_batches; only for a read-only
+    case)."""
     state = VringState(atomic, 64, native=native)
     state.set_queue_features(
         QueueFeatures(
@@ -267,13 +272,16 @@ def drive(
     outcome: Outcome = []
     written: list[tuple[int, int]] = []
 
-    def serve(chains: list[DescriptorChain]) -> list[tuple[int, int]]:
+    def serve(
+        chains: list[DescriptorChain], write: bool = True
+    ) -> list[tuple[int, int]]:
         used = []
         for c in chains:
             assert c.bytes_written == 0
             assert c.read_all() is not None
-            n = 0 if case.readonly else c.write(bytes([FILL]) * c.writable_len)
-            assert n == (0 if case.readonly else c.writable_len)
+            n = 0 if case.readonly else c.writable_len
+            if write:
+                assert c.write(bytes([FILL]) * n) == n
             segs = c.segments()
             assert sum(s.length for s in segs if s.writable) == c.writable_len
             assert sum(s.length for s in segs if not s.writable) == c.readable_len
@@ -289,12 +297,34 @@ def drive(
         serve(batch.chains())
         return len(batch)
 
+    def fill_batch(batch: ChainBatch) -> None:
+        # The frames are what the chains path writes: every writable byte.
+        chains = batch.chains()
+        used = serve(chains, write=False)
+        frames = [bytes([FILL]) * n for _, n in used]
+        lengths = batch.fill(frames)
+        assert list(lengths) == [n for _, n in used]
+        k = 0
+        while k < len(used):  # runs of equal lengths, as below
+            j = k
+            while j < len(used) and used[j][1] == used[k][1]:
+                j += 1
+            state.add_used_batch(batch, j - k, used[k][1], first=k)
+            k = j
+
     try:
         for _ in range(2 * case.size + 4):
             try:
                 if mode == "drain":
                     if not state.drain_batches(serve_batch, max_chains=case.batch):
                         break
+                    continue
+                if mode == "fill":
+                    popped = state.pop_batches(case.batch)
+                    if not popped:
+                        break
+                    for b in popped:
+                        fill_batch(b)
                     continue
                 if mode == "batches":
                     popped = state.pop_batches(case.batch)
@@ -367,7 +397,13 @@ def mask(data: bytes | bytearray, areas: list[tuple[int, int]]) -> bytes:
 def check(memory: tuple[int, GuestMemoryAtomic], case: Case, packed: bool) -> None:
     fd, atomic = memory
     results = []
-    runs = [(True, "chains"), (False, "chains"), (True, "batches")]
+    runs = [
+        (True, "chains"),
+        (False, "chains"),
+        (True, "batches"),
+        (True, "fill"),
+        (False, "fill"),
+    ]
     if case.readonly:
         runs += [(True, "drain"), (False, "drain")]
     for native, mode in runs:

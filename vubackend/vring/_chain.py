@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import MutableSequence
+from collections.abc import MutableSequence, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Final, NamedTuple, final
 
@@ -52,6 +52,7 @@ from vubackend._native import (
     records_sum,
 )
 from vubackend.memory import GuestAddress, MappedRegion
+from vubackend.vring import _batch_io
 
 if TYPE_CHECKING:
     from cffi import FFI
@@ -173,6 +174,52 @@ class ChainBatch:
             raise ValueError(f"skip {skip} is negative")
         return records_sum(self._records(), len(self.words) // 8, 5, skip)
 
+    def fill(
+        self, frames: Sequence[Buffer], prefix: bytes = b"", *, start: int = 0
+    ) -> array[int]:
+        """Write one frame into each chain's writable part, in one native
+        call: chain ``start + k`` gets ``prefix``, then ``frames[k]`` (a
+        network device's receive side: the header, then the frame). Stops at
+        the first frame its chain cannot hold (nothing is written into that
+        chain), or when the frames or the chains run out. Marks the dirty
+        bitmap while the driver logs.
+
+        Returns:
+            The used length of each chain filled (``len(prefix) +
+            len(frame)``), as ``array('I')``: return them with
+            ``add_used_batch(batch, len(used), used, first=start)``.
+
+        Raises:
+            ValueError: the memory was unmapped since the chains were popped.
+        """
+        return _batch_io.fill(self, frames, prefix, start)
+
+    def forward(
+        self,
+        src: ChainBatch,
+        count: int,
+        *,
+        start: int = 0,
+        src_start: int = 0,
+        skip: int = 0,
+        prefix: bytes = b"",
+    ) -> array[int]:
+        """Pass frames from the chains of ``src`` into these, in one native
+        call: chain ``start + k`` gets ``prefix``, then the readable bytes of
+        ``src``'s chain ``src_start + k`` after its first ``skip`` (a loopback
+        from a transmit queue to a receive queue, header replaced), for ``k``
+        up to ``count``. Stops at the first source chain with nothing after
+        ``skip``, or whose frame its chain cannot hold. Marks the dirty bitmap
+        while the driver logs.
+
+        Returns:
+            The used length of each chain filled, as ``array('I')``.
+
+        Raises:
+            ValueError: the memory was unmapped since the chains were popped.
+        """
+        return _batch_io.forward(self, src, count, start, src_start, skip, prefix)
+
     def _records(self) -> FFI.CData:
         """The chain records, pinned for the native completion (the rings'
         ``complete_batch``)."""
@@ -184,11 +231,22 @@ class ChainBatch:
             ptr = self._rec_ptr = pin_records(words)
         return ptr
 
-    def _used_entries(self, count: int, length: int) -> list[int]:
-        """``[head, length, ...]`` for the first ``count`` chains (the rings'
-        Python completion path)."""
-        flat = [length] * (2 * count)
-        flat[0::2] = self.words[0 : 8 * count : 8]
+    def _used_entries(
+        self, count: int, length: int | array[int], first: int = 0
+    ) -> list[int]:
+        """``[head, length, ...]`` for chains ``[first, first + count)``, with
+        one used length or one per chain (the rings' Python completion
+        path)."""
+        if not 0 <= first <= first + count <= len(self.words) // 8:
+            raise ValueError(f"chains {first}..{first + count} are not in the batch")
+        flat = [0] * (2 * count)
+        flat[0::2] = self.words[8 * first : 8 * (first + count) : 8]
+        if isinstance(length, int):
+            flat[1::2] = [length] * count
+        else:
+            if len(length) < count:
+                raise ValueError(f"{count} chains need {count} used lengths")
+            flat[1::2] = length[:count]
         return flat
 
     @classmethod

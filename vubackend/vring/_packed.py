@@ -57,6 +57,7 @@
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Sequence
 from typing import Final, final
 
@@ -645,18 +646,23 @@ class PackedRing:
         return self._completed(stop, old, old_wrap, new, new_wrap, word, more)
 
     def complete_batch(
-        self, mem: GuestMemory, batch: ChainBatch, count: int, length: int = 0
+        self,
+        mem: GuestMemory,
+        batch: ChainBatch,
+        count: int,
+        length: int | array[int] = 0,
+        first: int = 0,
     ) -> tuple[bool, bool]:
-        """:meth:`complete` of the first ``count`` chains of ``batch``, every
-        one with used length ``length`` (0: chains the device only read),
-        without an int object per chain.
+        """:meth:`complete` of ``count`` chains of ``batch`` from chain
+        ``first`` on, each with used length ``length`` (0: read only) or
+        ``length[k]`` (an ``array('I')``), without an int object per chain.
 
         Raises:
             ValueError: as :meth:`push`; nothing was written.
             RingStateError: as :meth:`complete`.
         """
         if not self._native:
-            return self.complete(mem, batch._used_entries(count, length))
+            return self.complete(mem, batch._used_entries(count, length, first))
         space = self._space
         if space is None or space.memory is not mem:
             self._bind(mem)
@@ -668,6 +674,7 @@ class PackedRing:
             batch._records(),
             count,
             length,
+            first,
         )
         return self._completed(stop, old, old_wrap, new, new_wrap, word, more)
 

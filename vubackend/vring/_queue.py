@@ -40,6 +40,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from itertools import chain as iter_chain
 from typing import Final, final
@@ -589,11 +590,17 @@ class Queue:
         return inflight.complete(mem, engine, flat)
 
     def complete_batch(
-        self, mem: GuestMemory, batch: ChainBatch, count: int, length: int = 0
+        self,
+        mem: GuestMemory,
+        batch: ChainBatch,
+        count: int,
+        length: int | array[int] = 0,
+        first: int = 0,
     ) -> tuple[bool, bool]:
-        """:meth:`complete` of the first ``count`` chains of ``batch``, every
-        one with used length ``length``, without an int per chain (the
-        engines' ``complete_batch``). With an inflight tracker, call
+        """:meth:`complete` of ``count`` chains of ``batch`` from chain
+        ``first`` on, every one with used length ``length`` or ``length[k]``
+        (an ``array('I')``), without an int per chain (the engines'
+        ``complete_batch``). With an inflight tracker, call
         :meth:`settle` after signalling.
 
         Raises:
@@ -603,8 +610,8 @@ class Queue:
         engine = self._engine or self._ring(mem)
         inflight = self._inflight
         if inflight is None:
-            return engine.complete_batch(mem, batch, count, length)
-        return inflight.complete(mem, engine, batch._used_entries(count, length))
+            return engine.complete_batch(mem, batch, count, length, first)
+        return inflight.complete(mem, engine, batch._used_entries(count, length, first))
 
     def settle(self) -> None:
         """Finish the inflight record of the last :meth:`complete` (clear

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
@@ -233,27 +234,7 @@ class VringState:
             Exception: whatever ``serve`` raised (its chain and the rest of
                 its batch are then not returned).
         """
-        if self._lease is not None:
-            return drain_chains(
-                self._lease,
-                self._queue,
-                self.signal_used_queue,
-                serve,
-                busy_poll,
-                max_chains,
-            )
-        self.hold()
-        try:
-            return drain_chains(
-                self._hold_lease,
-                self._queue,
-                self.signal_used_queue,
-                serve,
-                busy_poll,
-                max_chains,
-            )
-        finally:
-            self.unhold()
+        return self._held(drain_chains, serve, busy_poll, max_chains)
 
     def drain_batches(
         self,
@@ -293,27 +274,17 @@ class VringState:
             Exception: whatever ``serve`` raised (its batch is then not
                 returned).
         """
-        if self._lease is not None:
-            return drain_batches(
-                self._lease,
-                self._queue,
-                self.signal_used_queue,
-                serve,
-                busy_poll,
-                max_chains,
-                budget,
-            )
+        return self._held(drain_batches, serve, busy_poll, max_chains, budget)
+
+    def _held(self, loop: Callable[..., int], *args: object) -> int:
+        # A drain loop (_drain.py) under the current hold, or under one for
+        # its duration (whose lease is the kept one).
+        lease = self._lease
+        if lease is not None:
+            return loop(lease, self._queue, self.signal_used_queue, *args)
         self.hold()
         try:
-            return drain_batches(
-                self._hold_lease,
-                self._queue,
-                self.signal_used_queue,
-                serve,
-                busy_poll,
-                max_chains,
-                budget,
-            )
+            return loop(self._hold_lease, self._queue, self.signal_used_queue, *args)
         finally:
             self.unhold()
 
@@ -345,6 +316,43 @@ class VringState:
             return
         with self._mem.memory() as mem:
             self._queue.add_used_heads(mem, heads, length)
+
+    def add_used_batch(
+        self,
+        batch: ChainBatch,
+        count: int | None = None,
+        length: int | array[int] = 0,
+        *,
+        first: int = 0,
+    ) -> bool:
+        """Return ``count`` chains of ``batch`` from chain ``first`` on (all
+        the rest by default), with one used length or one per chain (an
+        ``array('I')``, as :meth:`ChainBatch.fill` gives), in one
+        publication; then signal the driver if it wants it (one fence).
+
+        Returns:
+            Whether the driver was signalled.
+
+        Raises:
+            ValueError: a chain is not in flight, or a length exceeds its
+                chain's writable bytes; nothing was written.
+            RingStateError: the queue is not ready, or signalling failed.
+        """
+        if count is None:
+            count = len(batch) - first
+        lease = self._lease
+        queue = self._queue
+        if lease is not None:
+            signal, _ = queue.complete_batch(
+                lease.current(), batch, count, length, first
+            )
+        else:
+            with self._mem.memory() as mem:
+                signal, _ = queue.complete_batch(mem, batch, count, length, first)
+        if signal:
+            self.signal_used_queue()
+        queue.settle()
+        return signal
 
     def pop_chain(self) -> DescriptorChain | None:
         """Pop one descriptor chain.

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, final
@@ -127,6 +128,18 @@ class VringT(Protocol):
 
     def add_used_heads(self, heads: Sequence[int], length: int = 0) -> None:
         """Return many chains with one used length, published together."""
+        ...
+
+    def add_used_batch(
+        self,
+        batch: ChainBatch,
+        count: int | None = None,
+        length: int | array[int] = 0,
+        *,
+        first: int = 0,
+    ) -> bool:
+        """Return chains of a batch (one used length, or one per chain) and
+        signal the driver if it wants an interrupt."""
         ...
 
     def pop_chain(self) -> DescriptorChain | None:
@@ -376,6 +389,23 @@ class _LockedVring:
         (:meth:`VringState.add_used_heads`)."""
         with self._exclusive:
             self._state.add_used_heads(heads, length)
+
+    def add_used_batch(
+        self,
+        batch: ChainBatch,
+        count: int | None = None,
+        length: int | array[int] = 0,
+        *,
+        first: int = 0,
+    ) -> bool:
+        """Return chains of a batch and signal the driver if it wants an
+        interrupt (:meth:`VringState.add_used_batch`).
+
+        Returns:
+            Whether the driver was signalled.
+        """
+        with self._exclusive:
+            return self._state.add_used_batch(batch, count, length, first=first)
 
     def pop_chain(self) -> DescriptorChain | None:
         """Pop one descriptor chain (:meth:`VringState.pop_chain`).
