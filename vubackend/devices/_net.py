@@ -12,12 +12,14 @@
 # * The data path works per batch: TX chains are popped, handed to the link
 #   and returned a batch at a time (VringT.drain_batches: one publication
 #   and at most one interrupt per batch, no object per frame for a link
-#   that needs only lengths); RX chains are returned with one add_used_many
-#   and at most one interrupt per round. A busy pair yields its worker after
-#   MAX_ROUNDS rounds (a wake-up brings it back), so that the worker's other
-#   events and a ring stop are not held off. Per frame there is one copy
-#   (TX buffer to RX buffer for the loopback; link buffer to RX buffer
-#   otherwise) and no header object: the header is packed in place.
+#   that needs only lengths); RX (_net_rx.py) fills a batch of chains with
+#   the link's frames (Link.receive_many), or with the loopback's TX chains,
+#   in one native call, and returns it with one add_used_batch and at most
+#   one interrupt. A busy pair yields its worker after MAX_ROUNDS rounds (a
+#   wake-up brings it back), so that the worker's other events and a ring
+#   stop are not held off. Per frame there is one copy (TX buffer to RX
+#   buffer for the loopback; link buffer to RX buffer otherwise) and no
+#   header object: the header is written from one prepared bytes object.
 # * Nothing is lost by the device itself: TX chains the link cannot take yet
 #   stay pending (in order, first next time), RX chains popped ahead stay as
 #   spares, and a frame from the link that found no room is kept until the
@@ -52,15 +54,15 @@ from vubackend.devices._net_control import (
     parse_mac,
     random_mac,
 )
-from vubackend.devices._net_links import Link, frame_pieces
+from vubackend.devices._net_links import Link
+from vubackend.devices._net_rx import HEADER_SIZE, LEGACY_HEADER_SIZE, RxPath
 from vubackend.errors import DescriptorChainError, DeviceError, RingStateError
 from vubackend.protocol import ProtocolFeatures, VirtioFeatures
+from vubackend.vring import ChainBatch
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
     from vubackend.daemon import VhostUserDaemon, VringEpollHandler
-    from vubackend.vring import ChainBatch, DescriptorChain, VringT
+    from vubackend.vring import DescriptorChain, VringT
 
 __all__ = ["NetDevice", "NetFeatures", "NetStats"]
 
@@ -90,45 +92,19 @@ class NetStats:
     control_commands: int
 
 
-# The header (virtio 1.x §5.1.6): flags, gso_type, hdr_len, gso_size,
-# csum_start, csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF.
-_HEADER_V1: Final = struct.Struct("<BBHHHHH")
-HEADER_SIZE: Final = _HEADER_V1.size
-LEGACY_HEADER_SIZE: Final = 10
 # Link status (config space).
 _LINK_UP: Final = 1
 # A control command carries at most two MAC tables; a few KiB suffice.
 _CTRL_MAX: Final = 64 * 1024
-# Chains popped per call: a TX batch; RX chains popped ahead of need.
+# Chains popped per call: a TX batch.
 TX_BATCH: Final = 256
 # Most TX chains per pump round (the RX side gets its turn in between).
 TX_BUDGET: Final = 1024
-RX_BATCH: Final = 64
 # Frames taken from the link per round before TX gets a turn again.
 RX_BUDGET: Final = 256
 # Rounds of one event before the worker looks at its other events.
 MAX_ROUNDS: Final = 64
 _MAX_QUEUE_PAIRS: Final = 127
-
-
-def _scatter(dst: list[memoryview], offset: int, src: Sequence[Buffer]) -> None:
-    # Copy the pieces of src, one after the other, into the concatenation of
-    # dst from byte `offset` on (the caller checked that it fits).
-    k = 0
-    while offset >= len(dst[k]):
-        offset -= len(dst[k])
-        k += 1
-    for piece in src:
-        data = memoryview(piece).cast("B")
-        while len(data):
-            view = dst[k]
-            n = min(len(view) - offset, len(data))
-            view[offset : offset + n] = data[:n]
-            data = data[n:]
-            offset += n
-            if offset == len(view):
-                k += 1
-                offset = 0
 
 
 def _ready(vring: VringT) -> bool:
@@ -144,18 +120,10 @@ class _Pair:
         "errors",
         "index",
         "pending",
-        "pending_rx",
+        "recv",
         "rx",
-        "rx_bytes",
-        "rx_dropped",
-        "rx_frames",
-        "rx_ok",
-        "rx_used",
         "seen_rx",
         "seen_tx",
-        "spare_at",
-        "spares",
-        "starved",
         "tx",
         "tx_blocked",
         "tx_bytes",
@@ -170,29 +138,20 @@ class _Pair:
         self.wake = wake
         self.rx: VringT | None = None
         self.tx: VringT | None = None
+        self.recv = RxPath()
         self.seen_rx = self.seen_tx = 0
-        self.spares: list[DescriptorChain] = []
-        self.spare_at = 0
         self.pending: list[DescriptorChain] = []
-        self.pending_rx: bytes | None = None
-        self.rx_used: list[tuple[int, int]] = []
         self.tx_used: list[int] = []  # ids of TX chains done (used length 0)
-        self.rx_ok = False
-        self.starved = False
         self.tx_blocked = False
         self.watching = False
         self.tx_frames = self.tx_bytes = 0
-        self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.errors = 0
 
     def forget(self, *, rx: bool = True, tx: bool = True) -> None:
         # Chains of a ring that restarted or broke: never handed back. A
         # frame from the link waiting for room is not a chain: it stays.
         if rx:
-            self.spares = []
-            self.spare_at = 0
-            self.rx_used = []
-            self.starved = False
+            self.recv.forget()
         if tx:
             self.pending = []
             self.tx_used = []
@@ -312,10 +271,10 @@ class NetDevice(VhostUserBackend):
         return NetStats(
             tx_frames=sum(p.tx_frames for p in pairs),
             tx_bytes=sum(p.tx_bytes for p in pairs),
-            rx_frames=sum(p.rx_frames for p in pairs),
-            rx_bytes=sum(p.rx_bytes for p in pairs),
-            rx_dropped=sum(p.rx_dropped for p in pairs),
-            errors=sum(p.errors for p in pairs)
+            rx_frames=sum(p.recv.frames for p in pairs),
+            rx_bytes=sum(p.recv.size for p in pairs),
+            rx_dropped=sum(p.recv.dropped for p in pairs),
+            errors=sum(p.errors + p.recv.errors for p in pairs)
             + (self._control_errors if whole else 0),
             control_commands=self._control_ok if whole else 0,
         )
@@ -450,6 +409,7 @@ class NetDevice(VhostUserBackend):
             return
         if pair.rx is None:
             pair.rx, pair.tx = vrings[0], vrings[1]
+            pair.recv.ring = vrings[0]
         if thread_id < self._usable:
             self._pump(pair)
         else:
@@ -486,18 +446,21 @@ class NetDevice(VhostUserBackend):
         if (gen_rx, gen_tx) != (p.seen_rx, p.seen_tx):
             p.forget(rx=gen_rx != p.seen_rx, tx=gen_tx != p.seen_tx)
             p.seen_rx, p.seen_tx = gen_rx, gen_tx
+        recv = p.recv
+        if (recv.header, recv.mrg, recv.log) != (self._header, self._mrg, self._log):
+            recv.configure(self._header, self._mrg, self._log)
         try:
-            p.rx_ok = _ready(rx)
+            recv.ok = _ready(rx)
             tx_ok = _ready(tx)
-            if not p.rx_ok:
-                p.spares, p.spare_at = [], 0
+            if not recv.ok:
+                recv.forget()
             rounds = 0
             while True:
-                p.starved = False
+                recv.starved = False
                 moved = self._transmit(p, tx) if tx_ok else 0
-                if p.rx_ok:
-                    moved += self._receive(p)
-                self._flush(p, rx, tx)
+                if recv.ok:
+                    moved += recv.receive(self._link, p.index, RX_BUDGET)
+                self._flush(p, tx)
                 if moved:
                     rounds += 1
                     if rounds < MAX_ROUNDS:
@@ -518,14 +481,14 @@ class NetDevice(VhostUserBackend):
                     continue
                 if tx_ok and not p.tx_blocked:
                     again = tx.enable_notification()
-                if p.rx_ok:
-                    if p.starved:
+                if recv.ok:
+                    if recv.starved:
                         again = rx.enable_notification() or again
                     else:
                         rx.disable_notification()
                 if not again:
                     break
-            self._watch(p, p.rx_ok and p.pending_rx is None)
+            self._watch(p, recv.ok and not recv.pending)
         except (RingStateError, DescriptorChainError, ValueError) as exc:
             # ValueError: a chain's memory was unmapped under it, or the
             # ring refused a used entry. The pair starts afresh.
@@ -572,139 +535,21 @@ class NetDevice(VhostUserBackend):
         p.tx_frames += taken
         return taken
 
-    def _receive(self, p: _Pair) -> int:
-        done = 0
-        if p.pending_rx is not None:
-            frame = p.pending_rx
-            if not self._write_frame(p, (frame,), len(frame)):
-                return 0
-            p.pending_rx = None
-            done += 1
-        receive = self._link.receive
-        write = self._write_frame
-        index = p.index
-        while done < RX_BUDGET:
-            got = receive(index)
-            if got is None:
-                break
-            if not write(p, (got,), len(got)):
-                # No room: keep a copy until the guest posts buffers.
-                p.pending_rx = bytes(got)
-                break
-            done += 1
-        return done
-
     def _deliver(
-        self, pair: int, chains: Sequence[DescriptorChain], header: int
+        self, pair: int, frames: Sequence[DescriptorChain] | ChainBatch, header: int
     ) -> int:
         # The loopback path: TX chains of `pair` into its RX queue.
-        p = self._pairs[pair]
-        for k, chain in enumerate(chains):
-            length = chain.readable_len - header
-            if length <= 0:
-                p.errors += 1
-                continue
-            if not self._write_frame(p, frame_pieces(chain, header), length):
-                return k
-        return len(chains)
+        recv = self._pairs[pair].recv
+        if isinstance(frames, ChainBatch):
+            return recv.forward(frames, header)
+        return recv.deliver(frames, header)
 
-    def _take_rx(self, p: _Pair) -> DescriptorChain | None:
-        spares = p.spares
-        if p.spare_at < len(spares):
-            chain = spares[p.spare_at]
-            p.spare_at += 1
-            return chain
-        if not p.rx_ok or p.rx is None:
-            p.starved = True
-            return None
-        batch = p.rx.pop_chains(RX_BATCH)
-        if not batch:
-            p.spares, p.spare_at = [], 0
-            p.starved = True
-            return None
-        p.spares, p.spare_at = batch, 1
-        return batch[0]
-
-    def _give_back(self, p: _Pair, chains: list[DescriptorChain]) -> None:
-        # Chains taken for a frame that did not fit: first in line next time.
-        p.spares = chains + p.spares[p.spare_at :]
-        p.spare_at = 0
-
-    def _write_frame(self, p: _Pair, src: Sequence[Buffer], length: int) -> bool:
-        # One frame into RX chains, header first. False: no room (nothing
-        # written, the chains taken are kept for next time).
-        header = self._header
-        need = header + length
-        first = self._take_rx(p)
-        if first is None:
-            return False
-        room = first.writable_len
-        if not self._mrg:
-            if room < need:
-                p.rx_used.append((first.head, 0))
-                p.rx_dropped += 1
-                return True
-            chains = [first]
-        else:
-            while room < header:  # not even the header fits: refuse it
-                p.rx_used.append((first.head, 0))
-                p.errors += 1
-                nxt = self._take_rx(p)
-                if nxt is None:
-                    return False
-                first, room = nxt, nxt.writable_len
-            chains = [first]
-            while room < need:
-                chain = self._take_rx(p)
-                if chain is None:
-                    self._give_back(p, chains)
-                    return False
-                if chain.writable_len == 0:
-                    p.rx_used.append((chain.head, 0))
-                    p.errors += 1
-                    continue
-                chains.append(chain)
-                room += chain.writable_len
-        count = len(chains)
-        if count == 1:
-            views = first.writable_buffers()
-            dst = views[0]
-            if len(views) == 1 and len(src) == 1 and header == HEADER_SIZE:
-                _HEADER_V1.pack_into(dst, 0, 0, 0, 0, 0, 0, 0, 1)
-                dst[header:need] = src[0]
-            else:
-                _scatter(views, 0, (self._header_bytes(1), *src))
-            p.rx_used.append((first.head, need))
-            if self._log:
-                first.mark_written(need)
-        else:
-            views = [v for c in chains for v in c.writable_buffers()]
-            _scatter(views, 0, (self._header_bytes(count), *src))
-            left = need
-            for chain in chains:
-                n = min(chain.writable_len, left)
-                p.rx_used.append((chain.head, n))
-                if self._log:
-                    chain.mark_written(n)
-                left -= n
-        p.rx_frames += 1
-        p.rx_bytes += length
-        return True
-
-    def _header_bytes(self, buffers: int) -> bytes:
-        if self._header == HEADER_SIZE:
-            return _HEADER_V1.pack(0, 0, 0, 0, 0, 0, buffers)
-        return bytes(LEGACY_HEADER_SIZE)
-
-    def _flush(self, p: _Pair, rx: VringT, tx: VringT) -> None:
+    def _flush(self, p: _Pair, tx: VringT) -> None:
         if p.tx_used:
             tx.add_used_heads(p.tx_used)  # TX chains: used length 0
             p.tx_used = []
             tx.signal_if_needed()
-        if p.rx_used:
-            rx.add_used_many(p.rx_used)
-            p.rx_used = []
-            rx.signal_if_needed()
+        p.recv.flush()
 
     # ------------------------------------------------------------ config, control
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Final, final
 from vubackend.errors import DeviceError
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from vubackend.vring import ChainBatch, DescriptorChain
 
 __all__ = [
@@ -42,10 +44,11 @@ __all__ = [
     "frame_pieces",
 ]
 
-Deliver = Callable[[int, "Sequence[DescriptorChain]", int], int]
+Deliver = Callable[[int, "Sequence[DescriptorChain] | ChainBatch", int], int]
 """``deliver(pair, chains, header_size) -> taken``: the device writes the
-frames of TX chains into the guest's RX queue of ``pair`` (for links that
-loop frames back), in order, and says how many found room."""
+frames of TX chains (a list, or a whole batch: then natively) into the
+guest's RX queue of ``pair`` (for links that loop frames back), in order,
+and says how many it handled (from the first)."""
 
 
 def frame_length(chain: DescriptorChain, header_size: int) -> int:
@@ -138,6 +141,25 @@ class Link(abc.ABC):
         del pair
         return None
 
+    def receive_many(self, pair: int, limit: int) -> Sequence[Buffer]:
+        """Up to ``limit`` frames for the guest on ``pair`` (fewer, or none,
+        when the link has no more now), for the device's batch path, which
+        writes them into as many RX buffers in one native call.
+
+        The device asks only for frames it has buffers for; one that does
+        not fit its buffer waits for the next ones. Each buffer returned is
+        the caller's (not reused by later calls). The default calls
+        :meth:`receive` and copies; a link that makes frames cheaply
+        overrides it.
+        """
+        frames: list[Buffer] = []
+        while len(frames) < limit:
+            got = self.receive(pair)
+            if got is None:
+                break
+            frames.append(bytes(got))
+        return frames
+
 
 @final
 class LoopbackLink(Link):
@@ -158,6 +180,11 @@ class LoopbackLink(Link):
         if self._deliver is None:
             raise DeviceError("the loopback link is not attached to a device")
         return self._deliver(pair, frames, header_size)
+
+    def transmit_batch(self, pair: int, batch: ChainBatch, header_size: int) -> int:
+        if self._deliver is None:
+            raise DeviceError("the loopback link is not attached to a device")
+        return self._deliver(pair, batch, header_size)
 
 
 @final
@@ -228,6 +255,17 @@ class SinkLink(Link):
             return None
         self._generated[pair] += 1
         return frame
+
+    def receive_many(self, pair: int, limit: int) -> Sequence[Buffer]:
+        frame = self._frame
+        if frame is None:
+            return []
+        if self._count is not None:
+            limit = min(limit, self._count - self._generated[pair])
+        if limit <= 0:
+            return []
+        self._generated[pair] += limit
+        return [frame] * limit
 
 
 # <linux/if_tun.h>
