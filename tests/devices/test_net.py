@@ -166,6 +166,25 @@ def test_frames_wait_for_rx_buffers_without_loss(tmp_path: Path) -> None:
     assert device.stats().rx_dropped == 0
 
 
+def test_driver_receive_returns_at_most_count_in_order(tmp_path: Path) -> None:
+    """Frames collected together beyond what receive() asked for are kept
+    for the next call, not lost."""
+    device = NetDevice(LoopbackLink())
+    sent = frames(10, 100)
+    with served(device, tmp_path) as path, connect(path, V1) as fe:
+        net = NetDriver(fe, fe.setup_queue(0, 64), fe.setup_queue(1, 64))
+        fe.start_device()
+        net.post_rx_buffers()
+        net.send(sent)
+        for _ in range(500):  # all ten in the used ring before the first call
+            if device.stats().rx_frames == len(sent):
+                break
+            time.sleep(0.01)
+        got = [net.receive(1) for _ in range(3)]
+        assert got == [[sent[0]], [sent[1]], [sent[2]]]
+        assert net.receive(20, timeout=0.1) == sent[3:]
+
+
 def test_two_queue_pairs_each_loop_back(tmp_path: Path) -> None:
     device = NetDevice(LoopbackLink(), queue_pairs=2)
     with (

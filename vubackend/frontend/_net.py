@@ -66,6 +66,8 @@ class NetDriver:
         # A merged frame being assembled: its pieces and the buffers missing.
         self._partial: list[bytes] = []
         self._missing = 0
+        # Frames collected beyond what receive() was asked for.
+        self._backlog: list[bytes] = []
         self.num_buffers: list[int] = []
         """num_buffers of each frame received (MRG_RXBUF), in order."""
         self._tx_pending = 0
@@ -161,10 +163,12 @@ class NetDriver:
         buffers; waits at most ``timeout`` seconds for them.
 
         Returns:
-            The frames received (fewer than ``count`` on timeout).
+            The frames received, in order (fewer than ``count`` on timeout).
+            Frames that came in the same collection beyond ``count`` are
+            kept for the next call.
         """
         ram = self._fe.ram
-        frames: list[bytes] = []
+        frames, self._backlog = self._backlog, []
         deadline = time.monotonic() + timeout
         while len(frames) < count:
             used = self._rx.collect()
@@ -186,7 +190,8 @@ class NetDriver:
             if left <= 0:
                 break
             self._rx.sleep(left)
-        return frames
+        self._backlog = frames[count:]
+        return frames[:count]
 
     def _merge(self, data: bytes) -> bytes | None:
         # One used RX buffer under MRG_RXBUF; the frame when it is complete.
