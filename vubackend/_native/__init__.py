@@ -578,6 +578,6 @@ from vubackend._native._rings import (  # noqa: E402
     RegionTable,
     RingFault,
     RingStop,
-    RingWalker,
     TableReleasedError,
 )
+from vubackend._native._walker import RingWalker  # noqa: E402
