@@ -25,7 +25,7 @@
 #include <sys/uio.h>
 
 /* Bump with any change of native.h; the facade checks it at import. */
-static const int VU_NATIVE_ABI = 3;
+static const int VU_NATIVE_ABI = 4;
 
 typedef uint16_t __attribute__((may_alias)) vu_u16_alias;
 typedef uint32_t __attribute__((may_alias)) vu_u32_alias;
@@ -1275,6 +1275,75 @@ int64_t vu_chains_forward(const vu_region *regions, uint32_t nregions,
         used[c] = (uint32_t)need;
     }
     return count;
+}
+
+/* Set the log bits of the 4 KiB pages [gpa, gpa + len) touches (len > 0),
+ * one fetch-or per log byte; pages at or past `pages` are only counted.
+ * Returns that count. */
+static uint64_t vu_log_range(uint8_t *log, uint64_t pages, uint64_t gpa,
+                             uint64_t len)
+{
+    uint64_t first = gpa >> 12;
+    uint64_t last = (gpa + len - 1) >> 12;
+    uint64_t dropped = 0;
+    if (last >= pages) {
+        dropped = last - (first > pages ? first : pages) + 1;
+        if (first >= pages)
+            return dropped;
+        last = pages - 1;
+    }
+    for (uint64_t p = first; p <= last;) {
+        uint64_t top = (p | 7u) < last ? (p | 7u) : last;
+        uint8_t mask = (uint8_t)(((1u << (top - p + 1)) - 1u) << (p & 7u));
+        /* seq_cst like vu_or_u8: the frontend clears bits concurrently. */
+        __atomic_fetch_or(log + (p >> 3), mask, __ATOMIC_SEQ_CST);
+        p = top + 1;
+    }
+    return dropped;
+}
+
+/* Mark in the dirty log (pages bits) the first used[c] bytes of the
+ * writable part of chains [0, count) of a pop, after one release fence, so
+ * that the frontend never sees a bit before the data (§4.7). Everything is
+ * checked before the first bit is set. Returns the pages past the log (not
+ * marked), or a negative errno (-ERANGE: a segment range outside segs;
+ * -EFAULT: a segment outside its region, or used[c] beyond the chain). */
+int64_t vu_log_chains(uint8_t *log, uint64_t pages, const vu_region *regions,
+                      uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
+                      const uint32_t *records, uint32_t count, const uint32_t *used)
+{
+    for (uint32_t c = 0; c < count; c++) {
+        uint32_t first, n;
+        vu_writable(records + (size_t)c * (size_t)VU_CHAIN_WORDS, &first, &n);
+        int bad = vu_check_segs(regions, nregions, segs, nsegs, first, n);
+        if (bad)
+            return bad;
+        uint64_t room = 0;
+        for (uint32_t k = first; k < first + n; k++)
+            room += segs[2 * (size_t)k + 1] & 0xFFFFFFFFu;
+        if (used[c] > room)
+            return -EFAULT;
+    }
+    atomic_thread_fence(memory_order_release);
+    uint64_t dropped = 0;
+    for (uint32_t c = 0; c < count; c++) {
+        uint32_t first, n;
+        vu_writable(records + (size_t)c * (size_t)VU_CHAIN_WORDS, &first, &n);
+        uint64_t left = used[c];
+        for (uint32_t k = first; k < first + n && left; k++) {
+            uint64_t meta = segs[2 * (size_t)k + 1];
+            uint64_t len = meta & 0xFFFFFFFFu;
+            if (len > left)
+                len = left;
+            if (len)
+                dropped += vu_log_range(log, pages,
+                                        regions[(meta >> 32) & 0x7FFFFFFFu].gpa +
+                                            segs[2 * (size_t)k],
+                                        len);
+            left -= len;
+        }
+    }
+    return (int64_t)dropped;
 }
 
 int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,

@@ -191,6 +191,11 @@ int64_t vu_chains_forward(const vu_region *regions, uint32_t nregions,
                           uint32_t dst_nsegs, const uint32_t *dst_records,
                           uint32_t count, uint32_t skip, const uint8_t *prefix,
                           uint32_t prefix_len, uint32_t *used);
+/* The dirty log of a batch (ABI 4): the bytes each chain of a pop got,
+ * marked in one call (see native.c). */
+int64_t vu_log_chains(uint8_t *log, uint64_t pages, const vu_region *regions,
+                      uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
+                      const uint32_t *records, uint32_t count, const uint32_t *used);
 int64_t vu_chain_file_io(int fd, int to_chain, const vu_region *regions,
                          uint32_t nregions, const uint64_t *segs, uint32_t nsegs,
                          uint32_t first, uint32_t count, uint64_t skip,

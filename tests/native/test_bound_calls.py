@@ -18,6 +18,7 @@ from vubackend._native import (
     RING_AVAIL_EVENT,
     RING_EVENT_IDX,
     RING_PEEK,
+    AtomicView,
     RegionTable,
     RingStop,
     RingWalker,
@@ -27,6 +28,7 @@ from vubackend._native import (
     chain_write,
     chains_fill,
     chains_forward,
+    log_chains,
     pin_records,
     pin_segments,
     records_sum,
@@ -332,3 +334,48 @@ def test_chains_fill_and_forward_check_what_they_are_given(
     table.release()
     with pytest.raises(TableReleasedError):
         chains_fill(table, ptr, 4, records, 0, 1, b"", b"x", array("I", [1]), used)
+
+
+def test_log_chains_marks_what_each_chain_got() -> None:
+    """One call marks the pages of the bytes each chain got, across segments
+    and regions; pages past the log are counted, not marked; a bad
+    argument marks nothing."""
+    low, high = bytearray(0x3000), bytearray(0x2000)
+    table = RegionTable([(0, low), (0x10000, high)])
+    # Chain 0: a readable header, then 0x20 bytes across pages 0 and 1 and
+    # 0x100 in the high region (page 0x11, past a 16-page log); chain 1:
+    # page 2.
+    segs = segments(
+        (0, 0x0, 0x10, False),
+        (0, 0xFF0, 0x20, True),
+        (1, 0x1000, 0x100, True),
+        (0, 0x2800, 0x100, True),
+    )
+    ptr = pin_segments(segs)
+    records = pin_records(
+        array("I", record(0, 3, 1, 0x10, 0x120) + record(3, 1, 0, 0, 0x100))
+    )
+    log_buf = bytearray(2)
+    log = AtomicView(log_buf)
+    assert log_chains(log, table, ptr, 4, records, 0, 2, array("I", [0x30, 1])) == 1
+    assert log_buf == bytearray([0b111, 0])
+    # Only the first bytes count: 0x10 of chain 0 stays on page 0.
+    log_buf[:] = bytes(2)
+    assert log_chains(log, table, ptr, 4, records, 0, 1, array("I", [0x10])) == 0
+    assert log_buf == bytearray([0b1, 0])
+    log_buf[:] = bytes(2)
+    assert log_chains(log, table, ptr, 4, records, 1, 1, array("I", [0])) == 0
+    assert log_buf == bytes(2), "nothing written, nothing marked"
+    with pytest.raises(OSError, match="outside its memory region"):
+        log_chains(log, table, ptr, 4, records, 0, 2, array("I", [0x10, 0x101]))
+    assert log_buf == bytes(2), "a bad chain: not even the good one is marked"
+    with pytest.raises(IndexError):
+        log_chains(log, table, ptr, 4, records, 1, 2, array("I", [1, 1]))
+    with pytest.raises(IndexError):
+        log_chains(log, table, ptr, 4, records, 0, 2, array("I", [1]))
+    table.release()
+    with pytest.raises(TableReleasedError):
+        log_chains(log, table, ptr, 4, records, 0, 1, array("I", [1]))
+    log.release()
+    with pytest.raises(ValueError, match="released"):
+        log_chains(log, table, ptr, 4, records, 0, 1, array("I", [1]))

@@ -94,13 +94,14 @@ __all__ = [
     "fence_acquire",
     "fence_release",
     "fence_seq_cst",
+    "log_chains",
     "pin_records",
     "pin_segments",
     "records_sum",
 ]
 
 # The ABI number this facade was written against; native.c defines the same.
-_ABI: Final = 3
+_ABI: Final = 4
 _REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
 
 try:
@@ -132,6 +133,7 @@ _missing = sorted(
         "vu_chain_write",
         "vu_chains_fill",
         "vu_chains_forward",
+        "vu_log_chains",
         "vu_copy",
         "vu_fence_acquire",
         "vu_fence_load_u16",
@@ -558,6 +560,7 @@ from vubackend._native._chains import (  # noqa: E402
     chain_write,
     chains_fill,
     chains_forward,
+    log_chains,
     pin_records,
     pin_segments,
     records_sum,

@@ -33,12 +33,15 @@ if TYPE_CHECKING:
     from cffi import FFI
     from typing_extensions import Buffer
 
+    from vubackend._native import AtomicView
+
 __all__ = [
     "chain_copy",
     "chain_file_io",
     "chain_write",
     "chains_fill",
     "chains_forward",
+    "log_chains",
     "pin_records",
     "pin_segments",
     "records_sum",
@@ -52,6 +55,7 @@ _file_io: Final = _atomics.lib.vu_chain_file_io
 _records_sum: Final = _atomics.lib.vu_records_sum
 _fill: Final = _atomics.lib.vu_chains_fill
 _forward: Final = _atomics.lib.vu_chains_forward
+_log: Final = _atomics.lib.vu_log_chains
 _CHAIN_WORDS: Final = _atomics.lib.VU_CHAIN_WORDS
 
 
@@ -335,4 +339,51 @@ def chains_forward(
     del keep
     if result < 0:
         raise _failed(result, "chain forward")
+    return result
+
+
+def log_chains(
+    log: AtomicView,
+    table: RegionTable,
+    segs: FFI.CData,
+    nsegs: int,
+    records: FFI.CData,
+    first: int,
+    count: int,
+    used: array[int],
+) -> int:
+    """Mark in the dirty log viewed by ``log`` (one bit per 4 KiB guest
+    physical page, the whole view) the first ``used[k]`` bytes of the
+    writable part of chain ``first + k`` of a pop, for ``k`` in
+    ``range(count)``, in one GIL-free call that starts with a release fence
+    (the bits never show before the data). Nothing is marked unless every
+    chain checks out. The caller keeps the log mapped (a lease).
+
+    Returns:
+        The pages past the end of the log (not marked).
+
+    Raises:
+        ValueError: the view was released.
+        TableReleasedError: the table was released.
+        IndexError: the chains are outside the records, ``used`` is shorter
+            than ``count``, or a segment range is outside the segments.
+        OSError: a segment lies outside its region, or ``used[k]`` is more
+            than chain ``first + k`` can hold (EFAULT).
+    """
+    recs = _records_at(records, first, count, "logged")
+    if len(used) < count:
+        raise IndexError(f"{count} chains, {len(used)} used")
+    ptr = log._ptr
+    if log._end < 0:
+        raise ValueError("view released")
+    keep = table._pins
+    if table._count < 0:
+        raise TableReleasedError("region table released")
+    result: int = _log(
+        ptr, 8 * log._size, table._table, table._count, segs, nsegs, recs, count,
+        _from_buffer("uint32_t[]", used),
+    )  # fmt: skip
+    del keep
+    if result < 0:
+        raise _failed(result, "dirty log of chains")
     return result

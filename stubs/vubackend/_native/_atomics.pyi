@@ -191,6 +191,19 @@ class _Lib:
         used: FFI.CData,
         /,
     ) -> int: ...
+    def vu_log_chains(
+        self,
+        log: FFI.CData,
+        pages: int,
+        regions: FFI.CData,
+        nregions: int,
+        segs: FFI.CData,
+        nsegs: int,
+        records: FFI.CData,
+        count: int,
+        used: FFI.CData,
+        /,
+    ) -> int: ...
     def vu_records_sum(
         self, records: FFI.CData, count: int, field: int, skip: int, /
     ) -> int: ...
