@@ -6,9 +6,12 @@ import os
 import sys
 import threading
 import time
+from array import array
+from typing import Any
 
 import pytest
 
+from vubackend._native import RegionTable, pin_records, pin_segments
 from vubackend.bitmap import Bitmap, DirtyLog, DirtyLogSlot, RegionBitmap
 
 from ._support import count_fds, count_mappings
@@ -82,6 +85,44 @@ def test_a_mark_racing_a_replacement_goes_to_the_new_log(
     assert set_pages(new_buf) == {3}
     assert old.unmapped
     assert old_buf == bytearray(1)
+
+
+def test_a_batch_of_chains_marked_in_one_call_follows_the_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mark_chains goes to the current log, is redone on a replacement
+    that raced it, and does nothing without a log; pages past the log are
+    counted."""
+    memory = bytearray(0x3000)
+    table = RegionTable([(0x10000, memory)])  # pages 0x10..0x12
+    segs = pin_segments(array("Q", [0x1800, 0x1000 | 1 << 63, 0x2000, 0x10 | 1 << 63]))
+    # Two chains of one writable segment each, as a pop records them.
+    records = pin_records(
+        array("I", [0, 1, 0, 1, 0, 0, 0x1000, 1, 1, 1, 1, 1, 0, 0, 0x10, 1])
+    )
+    old_buf, new_buf = bytearray(3), bytearray(3)
+    old, new = DirtyLog(old_buf), DirtyLog(new_buf)
+    slot = DirtyLogSlot(old)
+    slot.mark_chains(table, segs, 2, records, 0, 2, array("I", [0x1000, 1]))
+    assert set_pages(old_buf) == {0x11, 0x12}
+    try_mark_chains = DirtyLog.try_mark_chains
+
+    def racing(self: DirtyLog, *args: Any) -> bool:
+        if self is old and slot.current is old:
+            slot.replace(new)  # after the slot loaded `old`, before its lease
+        return try_mark_chains(self, *args)
+
+    monkeypatch.setattr(DirtyLog, "try_mark_chains", racing)
+    slot.mark_chains(table, segs, 2, records, 1, 1, array("I", [1]))
+    assert set_pages(new_buf) == {0x12}
+    assert old.unmapped
+    small = DirtyLog(bytearray(2))  # 16 pages: 0x10 and up are past it
+    slot.replace(small)
+    slot.mark_chains(table, segs, 2, records, 0, 2, array("I", [0x801, 1]))
+    assert small.dropped_pages == 3
+    slot.close()
+    slot.mark_chains(table, segs, 2, records, 0, 2, array("I", [1, 1]))
+    assert set_pages(new_buf) == {0x12}
 
 
 def test_a_log_closed_by_hand_is_not_spun_on() -> None:

@@ -25,12 +25,17 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, final
 
-from vubackend._native import AtomicView, fence_release
+from vubackend._native import AtomicView, fence_release, log_chains
 from vubackend.bitmap._base import LOG_PAGE_SHIFT
 from vubackend.bitmap._mapping import SharedMapping
 
 if TYPE_CHECKING:
+    from array import array
+
+    from cffi import FFI
     from typing_extensions import Buffer
+
+    from vubackend._native import RegionTable
 
 __all__ = ["DirtyLog"]
 
@@ -222,6 +227,40 @@ class DirtyLog:
             return True
         finally:
             self._exit()
+
+    def try_mark_chains(
+        self,
+        table: RegionTable,
+        segs: FFI.CData,
+        nsegs: int,
+        records: FFI.CData,
+        first: int,
+        count: int,
+        used: array[int],
+    ) -> bool:
+        """Mark what a batch of chains got, in one native call: the first
+        ``used[k]`` bytes of the writable part of chain ``first + k`` of a
+        pop (its pinned ``records`` and ``segs``, walked against ``table``).
+        Same rules as :meth:`try_mark_dirty` (call it after writing the
+        data; pages past the log are dropped and counted).
+
+        Returns:
+            False if the log was closed (nothing marked); True otherwise.
+
+        Raises:
+            As ``vubackend._native.log_chains``; nothing is marked then.
+        """
+        if not self._enter():
+            return False
+        try:
+            dropped = log_chains(
+                self._atomic, table, segs, nsegs, records, first, count, used
+            )
+        finally:
+            self._exit()
+        if dropped:
+            self._count_dropped(dropped)
+        return True
 
     def dirty_at(self, offset: int) -> bool:
         """Whether the page holding guest physical address ``offset`` is

@@ -17,9 +17,16 @@
 from __future__ import annotations
 
 import threading
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from vubackend.bitmap._log import DirtyLog
+
+if TYPE_CHECKING:
+    from array import array
+
+    from cffi import FFI
+
+    from vubackend._native import RegionTable
 
 __all__ = ["DirtyLogSlot", "RegionBitmap"]
 
@@ -87,6 +94,28 @@ class DirtyLogSlot:
         while log is not None and not log.try_mark_dirty(offset, length):
             # Closed between our load and our lease: it has been replaced
             # (or closed by hand, in which case stop rather than spin).
+            newer = self.current
+            if newer is log:
+                return
+            log = newer
+
+    def mark_chains(
+        self,
+        table: RegionTable,
+        segs: FFI.CData,
+        nsegs: int,
+        records: FFI.CData,
+        first: int,
+        count: int,
+        used: array[int],
+    ) -> None:
+        """:meth:`DirtyLog.try_mark_chains` on the current log, if there is
+        one, redone on its replacement if it was replaced meanwhile (as
+        :meth:`mark_dirty`)."""
+        log = self.current
+        while log is not None and not log.try_mark_chains(
+            table, segs, nsegs, records, first, count, used
+        ):
             newer = self.current
             if newer is log:
                 return
