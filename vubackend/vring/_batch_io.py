@@ -14,8 +14,10 @@
 #   regions mapped on demand, or two batches of different snapshots (a
 #   memory update came in between), take the per-chain path, which gives
 #   the same result.
-# - Every chain written is marked in the dirty bitmap while the driver logs
-#   (after the copy, as DescriptorChain.write does).
+# - What the chains got is marked in the dirty log while the driver logs,
+#   after the copy: in one native call for the batch when every region
+#   marks the session's log slot, else chain by chain through the regions'
+#   bitmaps (as DescriptorChain.write does).
 
 from __future__ import annotations
 
@@ -28,19 +30,28 @@ from vubackend._native import TableReleasedError, chains_fill, chains_forward
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from vubackend.vring._chain import ChainBatch, DescriptorChain
+    from vubackend._native import RegionTable
+    from vubackend.vring._chain import ChainBatch
 
 __all__ = ["fill", "forward"]
 
 
-def _logging(batch: ChainBatch) -> bool:
+def _mark(batch: ChainBatch, table: RegionTable, start: int, used: array[int]) -> None:
+    # Chains [start, start + len(used)) of the batch got used[k] bytes each.
     slot = batch._slot
-    return slot is not None and slot.current is not None
-
-
-def _mark(chains: list[DescriptorChain], used: array[int]) -> None:
-    for chain, n in zip(chains, used, strict=False):
-        chain.mark_written(n)
+    if slot is None:
+        for chain, n in zip(batch.chains()[start:], used, strict=False):
+            chain.mark_written(n)
+    elif slot.current is not None:
+        segs, nsegs = batch._seg_ptr or batch._pin(), batch._nsegs
+        records = batch._records()
+        try:
+            slot.mark_chains(table, segs, nsegs, records, start, len(used), used)
+        except TableReleasedError:
+            # Released since the copy (a memory update): the bytes are
+            # there and must be logged; the batch pins its own regions.
+            table = batch._repin()
+            slot.mark_chains(table, segs, nsegs, records, start, len(used), used)
 
 
 def fill(
@@ -67,13 +78,13 @@ def fill(
             lengths, used,
         )  # fmt: skip
     except TableReleasedError:
+        table = batch._repin()
         done = chains_fill(
-            batch._repin(), segs, batch._nsegs, batch._records(), start, count,
-            prefix, blob, lengths, used,
+            table, segs, batch._nsegs, batch._records(), start, count, prefix, blob,
+            lengths, used,
         )  # fmt: skip
     del used[done:]
-    if _logging(batch):
-        _mark(batch.chains()[start : start + done], used)
+    _mark(batch, table, start, used)
     return used
 
 
@@ -121,8 +132,7 @@ def forward(
         # through each chain's own view of its regions.
         return _forward_by_chains(dst, src, count, start, src_start, skip, prefix)
     del used[done:]
-    if _logging(dst):
-        _mark(dst.chains()[start : start + done], used)
+    _mark(dst, table, start, used)
     return used
 
 
