@@ -39,7 +39,7 @@ _HEADER_V1: Final = struct.Struct("<BBHHHHH")
 HEADER_SIZE: Final = _HEADER_V1.size
 LEGACY_HEADER_SIZE: Final = 10
 # RX chains popped ahead of need, per call.
-RX_BATCH: Final = 64
+RX_BATCH: Final = 256
 
 
 def _scatter(dst: list[memoryview], offset: int, src: Sequence[Buffer]) -> None:
