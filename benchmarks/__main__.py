@@ -3,8 +3,10 @@ same invocation, alternating, several rounds; a table of medians and of the
 ratio per round, and the raw rounds as JSON (benchmarks/results/).
 
 Usage: ``python -m benchmarks [--rounds N] [--only micro,blk-guest,blk-frontend,net]
-[--json PATH]``. Needs the packages of scripts/setup.sh (QEMU,
-qemu-storage-daemon, DPDK) and 2 CPUs: backends run on CPU 0, frontends on 1.
+[--json PATH] [--compare PATH]``; ``--compare benchmarks/baseline.json`` also
+prints how each median ratio moved since the run the README shows. Needs the
+packages of scripts/setup.sh (QEMU, qemu-storage-daemon, DPDK) and 2 CPUs:
+backends run on CPU 0, frontends on 1.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks import _blk, _micro, _net
-from benchmarks._harness import Outcome, Scenario, run, save, table
+from benchmarks._harness import Outcome, Scenario, compare, load, run, save, table
 
 GROUPS = ("micro", "blk-guest", "blk-frontend", "net")
 
@@ -48,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(__file__).parent / "results" / "latest.json",
         help="where to write the raw rounds",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="an earlier run's JSON (benchmarks/baseline.json: the README's run) "
+        "to compare the median ratios with",
+    )
     args = parser.parse_args(argv)
+    before = load(args.compare) if args.compare is not None else None
     groups = [g for g in args.only.split(",") if g]
     unknown = set(groups) - set(GROUPS)
     if unknown:
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print()
     print(table(outcomes, scenarios))
+    if before is not None:
+        print(f"\nCompared with {args.compare}:\n")
+        print(compare(outcomes, scenarios, before))
     save(outcomes, args.json)
     print(
         f"\n{len(outcomes)} scenarios in {time.monotonic() - started:.0f} s; "

@@ -137,3 +137,43 @@ def save(outcomes: Sequence[Outcome], path: Path) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def load(path: Path) -> list[Outcome]:
+    """The outcomes of a run written by :func:`save`."""
+    record = json.loads(path.read_text())
+    return [
+        Outcome(r["scenario"], r["reference"], r["ours"], r["reference_rounds"])
+        for r in record["results"]
+    ]
+
+
+def compare(
+    outcomes: Sequence[Outcome],
+    scenarios: Sequence[Scenario],
+    before: Sequence[Outcome],
+) -> str:
+    """Markdown table: per compared metric, the median ratio to the
+    reference in an earlier run (``before``, from :func:`load`) and now.
+    Ratios, not absolute figures: only they survive another machine or
+    another period of this one."""
+    lines = [
+        "| scenario | metric | median ratio before | now | change |",
+        "|---|---|---|---|---|",
+    ]
+    earlier = {o.scenario: o for o in before}
+    by_name = {s.name: s for s in scenarios}
+    for outcome in outcomes:
+        old = earlier.get(outcome.scenario)
+        for metric in by_name[outcome.scenario].ratios:
+            now = median(outcome.ratios(metric))
+            then = float("nan")
+            if old is not None and all(metric in m for m in old.ours + old.theirs):
+                then = median(old.ratios(metric))
+            known = then == then and then > 0  # not NaN: in both runs
+            shown = f"{then:.2f}" if known else "-"
+            change = f"{now / then:.2f}x" if known else "-"
+            lines.append(
+                f"| {outcome.scenario} | {metric} | {shown} | {now:.2f} | {change} |"
+            )
+    return "\n".join(lines)
