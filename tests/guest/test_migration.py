@@ -174,6 +174,11 @@ def migrate(guest: GuestImage, tmp_path: Path, *, postcopy: bool) -> Migration:
             time.sleep(0.1)
         src.qmp.command("quit")
         src.process.wait(timeout=30)
+        # Let the guest show a round on the destination first: told at once,
+        # it can stop there before printing one (the check below wants one).
+        while not any(k == "round" for k, _ in dst.results()):
+            assert time.monotonic() < deadline, "no round on the destination"
+            time.sleep(0.1)
         # The migration is done: tell the guest, through the disk.
         fd = os.open(image, os.O_WRONLY)
         try:
