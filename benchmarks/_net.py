@@ -3,12 +3,13 @@ C, busy-polling, CPU 1) as the frontend, and on CPU 0 either ``vubackend
 net`` or the reference, DPDK's own vhost PMD (also busy-polling).
 
 * tx: virtio-user txonly (64-byte frames) into ``vubackend net --sink``;
-  reference vhost PMD rxonly. Split and packed rings, queue sizes 256 and
-  1024.
+  reference vhost PMD rxonly.
 * rx: ``vubackend net --sink --generate 64`` into virtio-user rxonly;
   reference vhost PMD txonly.
 * loopback: virtio-user io forwarding (started with a burst) through
   ``vubackend net --loopback``; reference vhost PMD io.
+
+Each direction with split and packed rings, queue sizes 256 and 1024.
 
 Mpps is testpmd's own rate between two ``show port stats`` a few seconds
 apart; CPU % is the backend process's user+system time over that window;
@@ -27,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from benchmarks._harness import Metrics, Scenario
 from tests.interop.peers import wait_for_socket
@@ -166,31 +168,18 @@ def _reference(case: NetCase, workdir: Path) -> Metrics:
         shutil.rmtree(Path("/var/run/dpdk") / f"vhb{os.getpid()}", ignore_errors=True)
 
 
+# direction: (virtio-user's testpmd mode, the rate measured there, our link
+# options, the vhost PMD's testpmd mode).
+_DIRECTIONS: Final = {
+    "tx": ("txonly", "Tx", ("--sink",), "rxonly"),
+    "rx": ("rxonly", "Rx", ("--sink", "--generate", "64"), "txonly"),
+    "loopback": ("io", "Rx", ("--loopback",), "io"),
+}
 CASES = [
-    NetCase("net tx 64B split q256", "txonly", "Tx", ("--sink",), "rxonly"),
-    NetCase(
-        "net tx 64B split q1024", "txonly", "Tx", ("--sink",), "rxonly", queue_size=1024
-    ),
-    NetCase(
-        "net tx 64B packed q256", "txonly", "Tx", ("--sink",), "rxonly", packed=True
-    ),
-    NetCase(
-        "net tx 64B packed q1024",
-        "txonly",
-        "Tx",
-        ("--sink",),
-        "rxonly",
-        packed=True,
-        queue_size=1024,
-    ),
-    NetCase(
-        "net rx 64B split q256",
-        "rxonly",
-        "Rx",
-        ("--sink", "--generate", "64"),
-        "txonly",
-    ),
-    NetCase("net loopback 64B split q256", "io", "Rx", ("--loopback",), "io"),
+    NetCase(f"net {d} 64B {'packed' if p else 'split'} q{q}", *_DIRECTIONS[d], p, q)
+    for d in _DIRECTIONS
+    for p in (False, True)
+    for q in (256, 1024)
 ]
 
 
