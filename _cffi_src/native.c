@@ -25,7 +25,7 @@
 #include <sys/uio.h>
 
 /* Bump with any change of native.h; the facade checks it at import. */
-static const int VU_NATIVE_ABI = 4;
+static const int VU_NATIVE_ABI = 5;
 
 typedef uint16_t __attribute__((may_alias)) vu_u16_alias;
 typedef uint32_t __attribute__((may_alias)) vu_u32_alias;
@@ -887,6 +887,15 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
  * peek[chain * peek_len ...], so that a device reads its request header
  * without another call. The segments it reads were checked by the walk that
  * produced them, against the same table.
+ *
+ * Tracking (split rings, INFLIGHT_SHMFD; vhost-user-protocol.md §4.9): while
+ * track holds a queue's region of the inflight buffer (its 16-byte header,
+ * then track_num 16-byte descriptor states), every pop records
+ * each popped head (inflight 1, the next counter), and a push links its
+ * batch through last_batch_head before used.idx is published, then clears
+ * the heads and records used_idx. Heads at or past track_num are not
+ * recorded. The region is only ever read back after a reconnect, so plain
+ * stores do; a push that fails leaves a link that used_idx says to ignore.
  */
 
 typedef struct {
@@ -906,7 +915,58 @@ typedef struct {
     uint32_t max_segs;
     uint32_t peek_len;
     uint32_t packed;
+    uint8_t *track;
+    uint64_t track_counter;
+    uint32_t track_num;
 } vu_ring;
+
+/* Inflight region offsets: header last_batch_head and used_idx; per
+ * descriptor state, the inflight flag, next and counter. */
+#define VU_TRACK_LAST_BATCH 12
+#define VU_TRACK_USED_IDX 14
+#define VU_TRACK_DESC 16
+#define VU_TRACK_NEXT 6
+#define VU_TRACK_COUNTER 8
+
+static void vu_track_begin(vu_ring *r, uint32_t n)
+{
+    for (uint32_t c = 0; c < n; c++) {
+        uint32_t head = r->chains[(size_t)c * (size_t)VU_CHAIN_WORDS];
+        if (head >= r->track_num)
+            continue;
+        uint8_t *d = r->track + VU_TRACK_DESC + 16 * (size_t)head;
+        uint64_t counter = r->track_counter++;
+        memset(d, 0, VU_TRACK_COUNTER);
+        d[0] = 1;
+        memcpy(d + VU_TRACK_COUNTER, &counter, sizeof counter);
+    }
+}
+
+static void vu_track_link(vu_ring *r, const uint32_t *entries, uint32_t count)
+{
+    uint16_t last;
+    memcpy(&last, r->track + VU_TRACK_LAST_BATCH, sizeof last);
+    for (uint32_t k = 0; k < count; k++) {
+        uint32_t head = entries[2 * (size_t)k];
+        if (head >= r->track_num)
+            continue;
+        memcpy(r->track + VU_TRACK_DESC + 16 * (size_t)head + VU_TRACK_NEXT, &last,
+               sizeof last);
+        last = (uint16_t)head;
+    }
+    memcpy(r->track + VU_TRACK_LAST_BATCH, &last, sizeof last);
+}
+
+static void vu_track_clear(vu_ring *r, const uint32_t *entries, uint32_t count,
+                           uint16_t used_idx)
+{
+    for (uint32_t k = 0; k < count; k++) {
+        uint32_t head = entries[2 * (size_t)k];
+        if (head < r->track_num)
+            r->track[VU_TRACK_DESC + 16 * (size_t)head] = 0;
+    }
+    memcpy(r->track + VU_TRACK_USED_IDX, &used_idx, sizeof used_idx);
+}
 
 static void vu_peek(const vu_ring *r, uint32_t n)
 {
@@ -957,6 +1017,8 @@ int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains)
                             max_chains, r->segs, r->max_segs, r->state);
     if ((flags & (uint32_t)VU_RING_PEEK) && r->peek_len)
         vu_peek(r, (uint32_t)r->state[VU_S_COUNT]);
+    if (r->track != NULL && !r->packed)
+        vu_track_begin(r, (uint32_t)r->state[VU_S_COUNT]);
     return stop;
 }
 
@@ -968,8 +1030,14 @@ int vu_ring_push(vu_ring *r, uint32_t flags, const uint32_t *entries, uint32_t c
     if (r->packed)
         return vu_packed_push(r->regions, r->nregions, r->desc_gpa, r->qsize, flags,
                               r->inflight, entries, count, r->state);
-    return vu_split_push(r->regions, r->nregions, r->used_gpa, r->qsize, flags,
-                         r->inflight, entries, count, r->state);
+    const int track = r->track != NULL;
+    if (track)
+        vu_track_link(r, entries, count);
+    int stop = vu_split_push(r->regions, r->nregions, r->used_gpa, r->qsize, flags,
+                             r->inflight, entries, count, r->state);
+    if (track && stop == VU_STOP_EMPTY)
+        vu_track_clear(r, entries, count, (uint16_t)r->state[VU_S_NEXT_USED]);
+    return stop;
 }
 
 int vu_ring_push1(vu_ring *r, uint32_t flags, uint32_t ident, uint32_t length)

@@ -124,7 +124,10 @@ int vu_packed_push(const vu_region *regions, uint32_t nregions,
  *
  * The same walks with their arguments kept in a struct (ABI 3), filled by
  * the facade when the ring is bound to a memory table; with VU_RING_PEEK a
- * pop also copies the start of each chain's readable part into peek.
+ * pop also copies the start of each chain's readable part into peek. While
+ * track is set (ABI 5: a split queue's region of the inflight buffer, with
+ * track_num descriptor states), pops and pushes record what they do there
+ * (native.c, "bound rings").
  */
 
 typedef struct {
@@ -144,6 +147,9 @@ typedef struct {
     uint32_t max_segs;
     uint32_t peek_len;
     uint32_t packed;
+    uint8_t *track;
+    uint64_t track_counter;
+    uint32_t track_num;
 } vu_ring;
 
 int vu_ring_pop(vu_ring *r, uint32_t flags, uint32_t max_chains);

@@ -28,6 +28,7 @@ from vubackend._native import (
     chain_write,
     chains_fill,
     chains_forward,
+    inflight_tracking,
     log_chains,
     pin_records,
     pin_segments,
@@ -379,3 +380,21 @@ def test_log_chains_marks_what_each_chain_got() -> None:
     log.release()
     with pytest.raises(ValueError, match="released"):
         log_chains(log, table, ptr, 4, records, 0, 1, array("I", [1]))
+
+
+def test_inflight_tracking_binds_only_what_it_can_write() -> None:
+    walker = RingWalker(QSIZE, packed=False)
+    region = bytearray(16 + 16 * QSIZE)
+    with pytest.raises(ValueError, match="cannot hold"):
+        inflight_tracking.track(walker, region, QSIZE + 1, 1)
+    with pytest.raises(ValueError, match="split"):
+        inflight_tracking.track(RingWalker(QSIZE, packed=True), region, QSIZE, 1)
+    with pytest.raises(TypeError):
+        inflight_tracking.track(walker, bytes(len(region)), QSIZE, 1)
+    inflight_tracking.track(walker, region, QSIZE, 7)
+    assert inflight_tracking.counter(walker) == 7
+    inflight_tracking.set_counter(walker, 9)
+    assert inflight_tracking.counter(walker) == 9
+    inflight_tracking.untrack(walker)
+    inflight_tracking.untrack(walker)  # idempotent
+    region.append(0)  # unpinned: the buffer can be resized again

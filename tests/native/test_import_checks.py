@@ -49,11 +49,11 @@ def _run(fake: str) -> str:
         (
             "types.SimpleNamespace(ffi=None, "
             "lib=types.SimpleNamespace(VU_NATIVE_ABI=1))",
-            "has ABI 1, this vubackend needs ABI 4",
+            "has ABI 1, this vubackend needs ABI 5",
         ),
         (
             "types.SimpleNamespace(ffi=None, "
-            "lib=types.SimpleNamespace(VU_NATIVE_ABI=4, vu_copy=len))",
+            "lib=types.SimpleNamespace(VU_NATIVE_ABI=5, vu_copy=len))",
             "lacks vu_chain_copy, vu_chain_file_io, vu_chain_write",
         ),
     ],

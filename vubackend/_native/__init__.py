@@ -94,6 +94,7 @@ __all__ = [
     "fence_acquire",
     "fence_release",
     "fence_seq_cst",
+    "inflight_tracking",
     "log_chains",
     "pin_records",
     "pin_segments",
@@ -101,7 +102,7 @@ __all__ = [
 ]
 
 # The ABI number this facade was written against; native.c defines the same.
-_ABI: Final = 4
+_ABI: Final = 5
 _REMEDY: Final = "reinstall vubackend with `pip install .` (or `pip install -e .`)"
 
 try:
@@ -554,6 +555,7 @@ def copy(
 
 # The ring walks live in their own module; imported last, once the helper
 # has passed the checks above.
+from vubackend._native import _track as inflight_tracking  # noqa: E402
 from vubackend._native._chains import (  # noqa: E402
     chain_copy,
     chain_file_io,

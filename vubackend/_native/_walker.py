@@ -114,6 +114,7 @@ class RingWalker:
         "_segs",
         "_state",
         "_state_words",
+        "_track_pin",
         "inflight",
     )
 
@@ -177,6 +178,7 @@ class RingWalker:
         ring.peek_len = PEEK_BYTES
         ring.packed = 1 if packed else 0
         self._bound: RegionTable | None = None
+        self._track_pin: FFI.CData | None = None  # _track.py
 
     @property
     def qsize(self) -> int:
