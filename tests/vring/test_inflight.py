@@ -22,6 +22,7 @@ from vubackend.vring import (
     VringState,
 )
 from vubackend.vring._packed import decode_packed_base
+from vubackend.vring._tracker import NativeInflightTracker
 
 from ._support import DATA, Harness
 from .conftest import MakeHarness
@@ -156,6 +157,50 @@ def test_a_batch_drain_records_like_a_drain(harness: MakeHarness, native: bool) 
         ("link", heads, 0),
         ("complete", heads, 3),
     ]
+
+
+def drive_and_record(h: Harness, buffer: InflightBuffer) -> bytes:
+    """Every path that pops or returns chains, on a tracked ring; the
+    queue's region afterwards (heads still in flight included)."""
+    h.state.set_inflight(buffer.tracker(0))
+    add(h, 3)
+    chains = h.state.pop_chains()
+    h.state.add_used(chains[0].head, 8)  # one push
+    h.state.add_used_many([(c.head, 4) for c in chains[1:]])
+    add(h, 2)
+    assert h.state.drain(lambda chain: 8) == 2
+    add(h, 3)
+    assert h.state.drain_batches(len) == 3
+    add(h, 2)
+    [batch] = h.state.pop_batches()
+    h.state.add_used_batch(batch, 1)  # the second stays in flight
+    add(h, 1)
+    h.state.pop_chains()  # in flight too
+    tracker = buffer.tracker(0)
+    assert isinstance(tracker, NativeInflightTracker)
+    region, count = tracker.region()
+    try:
+        assert count == SIZE
+        return bytes(region)
+    finally:
+        region.release()
+
+
+def test_native_rings_record_what_python_rings_record(harness: MakeHarness) -> None:
+    """The walker writes the region itself on native rings: byte for byte
+    what the Python record writes (flags, counters, links, used_idx)."""
+    records = []
+    for native in (True, False):
+        h = harness(packed=False, native=native, size=SIZE)
+        buffer = InflightBuffer.create(1, SIZE, packed=False)
+        try:
+            records.append(drive_and_record(h, buffer))
+            assert len(buffer.split_pending(0)) == 2
+            assert buffer.split_used_idx(0) == used_idx(h) == 9
+        finally:
+            h.state.set_inflight(None)
+            buffer.close()  # nothing left pinned: the walker let go
+    assert records[0] == records[1]
 
 
 def test_pending_heads_are_resubmitted_first_after_a_reconnect(

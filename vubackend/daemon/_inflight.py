@@ -437,23 +437,28 @@ class SplitQueueTracker:
     def __init__(self, buffer: InflightBuffer, queue: int) -> None:
         self._buffer = buffer
         self._queue = queue
-        self._counter = buffer.split_max_counter(queue) + 1
-        # begin/link/complete run on every request of a ring: they write the
-        # region directly (its header, then 16-byte descriptors), as
-        # InflightBuffer's split_* methods do one field at a time.
+        self.counter = buffer.split_max_counter(queue) + 1
+        # begin/link/complete run on every request of a ring walked in
+        # Python: they write the region directly (its header, then 16-byte
+        # descriptors), as InflightBuffer's split_* methods do one field at
+        # a time. Native rings record in region() themselves.
         self._map = buffer._map
         self._start = buffer._region(queue)
         self._desc0 = self._start + _SPLIT_HEAD.size
         self._size = buffer.queue_size
 
+    def region(self) -> tuple[memoryview, int]:
+        end = self._desc0 + _SPLIT_DESC.size * self._size
+        return memoryview(self._map)[self._start : end], self._size
+
     def begin(self, heads: Sequence[int]) -> None:
         mapping, desc0, size = self._map, self._desc0, self._size
-        counter = self._counter
+        counter = self.counter
         for head in heads:
             if 0 <= head < size:
                 _SPLIT_DESC.pack_into(mapping, desc0 + 16 * head, 1, 0, counter)
                 counter += 1
-        self._counter = counter
+        self.counter = counter
 
     def link(self, heads: Sequence[int]) -> None:
         # desc[i].next = last_batch_head; last_batch_head = i, in order.
@@ -478,7 +483,7 @@ class SplitQueueTracker:
 
     def recover(self, used_idx: int) -> list[int]:
         self._buffer.split_fix_up(self._queue, used_idx)
-        self._counter = self._buffer.split_max_counter(self._queue) + 1
+        self.counter = self._buffer.split_max_counter(self._queue) + 1
         return self.pending()
 
 

@@ -10,7 +10,9 @@
 #   queue, and finish its record of each completion (settle) after the
 #   driver was signalled.
 # - Every completion is on the snapshot its chains came from (the lease
-#   still holds it); the next pop moves to a new table if one came.
+#   still holds it); the next pop moves to a new table if one came, and the
+#   calls are chosen again for it (the queue may add to them on one
+#   snapshot and not on another).
 # - An empty ring with kicks on ends a loop: the avail_event the last pop
 #   left (or a NO_NOTIFY never set) is the re-arm, and the completion's
 #   fence orders it before the last look at avail.idx (§5.4 rule 6).
@@ -41,14 +43,7 @@ def drain_chains(
     if limit <= 0:
         return 0
     mem = lease.current()
-    engine = queue.plain_engine(mem)
-    pop: Callable[[GuestMemory, int], list[DescriptorChain]]
-    complete: Callable[[GuestMemory, list[int]], tuple[bool, bool]]
-    settle: Callable[[], None] | None = None
-    if engine is not None:
-        pop, complete = engine.pop, engine.complete
-    else:
-        pop, complete, settle = queue.pop_chains, queue.complete, queue.settle
+    pop, complete, settle = _chain_ops(queue, mem)
     served = 0
     if busy_poll:
         queue.disable_notification(mem)
@@ -70,13 +65,42 @@ def drain_chains(
                 signal_driver()
             if settle is not None:
                 settle()
-            if more or busy_poll:
-                mem = lease.current()  # a new table, if one came meanwhile
-                continue
+            if not more and not busy_poll:
+                return served
+        elif not busy_poll or not _idle(lease, queue, busy_poll):
             return served
-        if not busy_poll or not _idle(lease, queue, busy_poll):
-            return served
-        mem = lease.current()
+        new = lease.current()  # a new table, if one came meanwhile
+        if new is not mem:
+            mem = new
+            pop, complete, settle = _chain_ops(queue, mem)
+
+
+def _chain_ops(
+    queue: Queue, mem: GuestMemory
+) -> tuple[
+    Callable[[GuestMemory, int], list[DescriptorChain]],
+    Callable[[GuestMemory, list[int]], tuple[bool, bool]],
+    Callable[[], None] | None,
+]:
+    # The engine's own calls when the queue adds nothing to them on this
+    # snapshot; else the queue's, and its settle after each signal.
+    engine = queue.plain_engine(mem)
+    if engine is not None:
+        return engine.pop, engine.complete, None
+    return queue.pop_chains, queue.complete, queue.settle
+
+
+def _batch_ops(
+    queue: Queue, mem: GuestMemory
+) -> tuple[
+    Callable[[GuestMemory, int], list[ChainBatch]],
+    Callable[[GuestMemory, ChainBatch, int], tuple[bool, bool]],
+    Callable[[], None] | None,
+]:
+    engine = queue.plain_engine(mem)
+    if engine is not None:
+        return engine.pop_batches, engine.complete_batch, None
+    return queue.pop_batches, queue.complete_batch, queue.settle
 
 
 def drain_batches(
@@ -93,15 +117,7 @@ def drain_batches(
     if limit <= 0:
         return 0
     mem = lease.current()
-    engine = queue.plain_engine(mem)
-    pop: Callable[[GuestMemory, int], list[ChainBatch]]
-    complete: Callable[[GuestMemory, ChainBatch, int], tuple[bool, bool]]
-    settle: Callable[[], None] | None = None
-    if engine is not None:
-        pop, complete = engine.pop_batches, engine.complete_batch
-    else:
-        pop, complete = queue.pop_batches, queue.complete_batch
-        settle = queue.settle
+    pop, complete, settle = _batch_ops(queue, mem)
     served = 0
     if busy_poll:
         queue.disable_notification(mem)
@@ -123,12 +139,13 @@ def drain_batches(
                     settle()
             if taken < count:
                 return served  # the rest is the caller's
-        if more and (budget is None or served < budget):
-            mem = lease.current()
-            continue
-        if more or not busy_poll or not _idle(lease, queue, busy_poll):
+        stop = not more or (budget is not None and served >= budget)
+        if stop and (more or not busy_poll or not _idle(lease, queue, busy_poll)):
             return served
-        mem = lease.current()
+        new = lease.current()  # a new table, if one came meanwhile
+        if new is not mem:
+            mem = new
+            pop, complete, settle = _batch_ops(queue, mem)
 
 
 def _idle(lease: MemoryLease, queue: Queue, busy_poll: float) -> bool:

@@ -144,7 +144,7 @@ class Queue:
         self._used_explicit = False
         self._log = None
         self._log_addr = None
-        self._inflight = None
+        self._close_inflight()
         if self._walker is not None:
             self._walker.clear_inflight()
 
@@ -560,14 +560,18 @@ class Queue:
 
     def plain_engine(self, mem: GuestMemory) -> SplitRing | PackedRing | None:
         """The ring engine, when this queue adds nothing to its pops and
-        pushes (no inflight tracker): a drain then calls it directly. None
-        otherwise. Builds the engine if needed.
+        pushes on ``mem`` (no inflight tracker, or one the engine records in
+        itself): a drain then calls it directly. None otherwise. Builds the
+        engine if needed.
 
         Raises:
             RingStateError: the queue is not ready or not in guest memory.
         """
         engine = self._engine or self._ring(mem)
-        return engine if self._inflight is None else None
+        inflight = self._inflight
+        if inflight is None or inflight.recorded_by(engine, mem):
+            return engine
+        return None
 
     def complete(self, mem: GuestMemory, flat: list[int]) -> tuple[bool, bool]:
         """Return chains (``flat``: ``[head, length, ...]``, one publication)
@@ -635,8 +639,15 @@ class Queue:
         Returns:
             0.
         """
-        self._inflight = None
+        self._close_inflight()
         return 0
+
+    def _close_inflight(self) -> None:
+        # The walker stops recording in the tracker's buffer before anyone
+        # can close it.
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.close()
 
     @property
     def inflight_tracker(self) -> AnyInflightTracker | None:
@@ -667,6 +678,7 @@ class Queue:
         if self._features.packed != packed_tracker:
             kind = "packed" if self._features.packed else "split"
             raise RingStateError(f"the inflight tracker does not fit a {kind} ring")
+        used = 0 if packed_tracker else self.used_idx(mem)
         inflight = QueueInflight(tracker, self._size)
         if packed_tracker:
             if self._addresses is None:
@@ -678,14 +690,18 @@ class Queue:
             self._next_used, self._used_wrap = used, used_wrap
             self._next_avail, self._avail_wrap = avail, avail_wrap
         else:
-            used = self.used_idx(mem)
-            pending = inflight.attach_split(used)
+            try:
+                pending = inflight.attach_split(used)
+            except BaseException:
+                inflight.close()  # its region view
+                raise
             self._drop()
             self._next_used = used
             self._next_avail = (used + pending) & 0xFFFF
         self._used_explicit = True
         if self._walker is not None:
             self._walker.clear_inflight()
+        self._close_inflight()
         self._inflight = inflight
         return pending
 

@@ -15,6 +15,11 @@
 #   failed push unlinks its batch.
 # - Pending heads (recovery) are resubmitted first, oldest counter first;
 #   malformed ones are forgotten.
+# - A split tracker that gives its region (NativeInflightTracker) is
+#   recorded by the ring's walker itself whenever the ring walks natively
+#   (the walker is bound to the region on first use, unbound by close());
+#   the Python calls above then run only for pops walked in Python, with
+#   the counter handed back and forth.
 # - Not thread-safe: the queue's callers serialise (VringMutex/VringRwLock).
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast, final
 
+from vubackend._native import RingWalker, inflight_tracking
 from vubackend.errors import DescriptorChainError, RingStateError
 from vubackend.memory import GuestMemory
 from vubackend.vring._chain import ChainBatch, DescriptorChain
@@ -31,6 +37,7 @@ from vubackend.vring._split import SplitRing
 from vubackend.vring._tracker import (
     AnyInflightTracker,
     InflightTracker,
+    NativeInflightTracker,
     PackedDesc,
     PackedInflightTracker,
 )
@@ -42,7 +49,15 @@ __all__ = ["QueueInflight"]
 class QueueInflight:
     """The inflight tracking of one queue (see the module rules)."""
 
-    __slots__ = ("_resubmit", "_resubmit_packed", "_size", "_unsettled", "tracker")
+    __slots__ = (
+        "_region",
+        "_resubmit",
+        "_resubmit_packed",
+        "_size",
+        "_unsettled",
+        "_walker",
+        "tracker",
+    )
 
     def __init__(self, tracker: AnyInflightTracker, size: int) -> None:
         self.tracker = tracker
@@ -51,6 +66,54 @@ class QueueInflight:
         self._resubmit_packed: list[tuple[int, list[PackedDesc]]] = []
         # A completion whose record is still to finish (settle()).
         self._unsettled: tuple[list[int], int] | None = None
+        # The region the native calls record in, and the walker bound to it.
+        self._region: tuple[memoryview, int] | None = None
+        if isinstance(tracker, NativeInflightTracker):
+            self._region = tracker.region()
+        self._walker: RingWalker | None = None
+
+    def close(self) -> None:
+        """Stop the native recording and release the region (before the
+        tracker's buffer is closed). Idempotent."""
+        self._unbind()
+        region, self._region = self._region, None
+        if region is not None:
+            region[0].release()
+
+    def _unbind(self) -> None:
+        walker, self._walker = self._walker, None
+        if walker is not None:
+            cast(
+                "NativeInflightTracker", self.tracker
+            ).counter = inflight_tracking.counter(walker)
+            inflight_tracking.untrack(walker)
+
+    def _native(self, engine: SplitRing) -> bool:
+        # Whether the engine's native calls record themselves (binding its
+        # walker to the region on first use).
+        walker = engine._walker
+        if walker is not self._walker:
+            self._unbind()
+            if self._region is None or not engine._native:
+                return False
+            view, count = self._region
+            tracker = cast("NativeInflightTracker", self.tracker)
+            inflight_tracking.track(walker, view, count, tracker.counter)
+            self._walker = walker
+        return engine._native
+
+    def _begin(self, engine: SplitRing, heads: Sequence[int]) -> None:
+        # Heads popped by a Python walk: recorded here, counting on from
+        # where the walker is.
+        walker = self._walker
+        tracker = cast("InflightTracker", self.tracker)
+        if walker is None:
+            tracker.begin(heads)
+            return
+        native = cast("NativeInflightTracker", tracker)
+        native.counter = inflight_tracking.counter(walker)
+        tracker.begin(heads)
+        inflight_tracking.set_counter(walker, native.counter)
 
     # ------------------------------------------------------------ attaching
 
@@ -111,7 +174,11 @@ class QueueInflight:
             chains = self._pop_resubmitted(mem, engine, limit)
             if len(chains) >= limit:
                 return chains
-        start = engine.positions[0] if isinstance(engine, PackedRing) else 0
+        if isinstance(engine, PackedRing):
+            start = engine.positions[0]
+        else:
+            start = 0
+            self._native(engine)  # bound before the walk
         try:
             popped = engine.pop(mem, limit - len(chains))
         except DescriptorChainError:
@@ -125,11 +192,32 @@ class QueueInflight:
                     records.append(engine.read_slots(start, chain.ring_slots))
                     start = (start + chain.ring_slots) % self._size
                 cast("PackedInflightTracker", self.tracker).begin_chains(records)
-            elif len(popped) == 1:
-                cast("InflightTracker", self.tracker).begin((popped[0].head,))
-            else:
-                cast("InflightTracker", self.tracker).begin([c.head for c in popped])
+            elif not self._walked_natively(engine):
+                self._begin(engine, [c.head for c in popped])
         return chains + popped if chains else popped
+
+    def recorded_by(self, engine: SplitRing | PackedRing, mem: GuestMemory) -> bool:
+        """Whether the engine's own pops and completions on ``mem`` record
+        everything (a native split ring bound to the region, nothing to
+        resubmit or settle): a drain may then call the engine directly."""
+        if not isinstance(engine, SplitRing) or self._resubmit:
+            return False
+        if self._unsettled is not None or not self._native(engine):
+            return False
+        space = engine._space
+        if space is not None and space.memory is mem:
+            return space.native_walks
+        return not any(region.on_demand for region in mem.regions)
+
+    def _walked_natively(self, engine: SplitRing) -> bool:
+        # The last pop went through the walker bound to the region.
+        space = engine._space
+        return (
+            self._walker is engine._walker
+            and engine._native
+            and space is not None
+            and space.native_walks
+        )
 
     def pop_batches(
         self, mem: GuestMemory, engine: SplitRing | PackedRing, limit: int
@@ -140,10 +228,10 @@ class QueueInflight:
             return [ChainBatch.of(c) for c in self.pop(mem, engine, limit)]
         if self._unsettled is not None:
             self.settle()
+        self._native(engine)  # bound before the walk
         batches = engine.pop_batches(mem, limit)
-        if batches:
-            heads = [head for batch in batches for head in batch.heads]
-            cast("InflightTracker", self.tracker).begin(heads)
+        if batches and not self._walked_natively(engine):
+            self._begin(engine, [head for batch in batches for head in batch.heads])
         return batches
 
     def _pop_resubmitted(
@@ -179,6 +267,9 @@ class QueueInflight:
         looked at (used_idx still matches used->idx)."""
         if self._unsettled is not None:
             self.settle()
+        if isinstance(engine, SplitRing) and self._native(engine):
+            engine.push(mem, flat)  # recorded by the walker
+            return
         tracker = self.tracker
         heads = list(flat[0::2])
         recordable = all(0 <= head < self._size for head in heads)
@@ -210,6 +301,8 @@ class QueueInflight:
             return engine.needs_notification(mem), True
         if self._unsettled is not None:
             self.settle()
+        if self._native(engine):
+            return engine.complete(mem, flat)  # recorded by the walker
         heads = flat[0::2]
         cast("InflightTracker", self.tracker).link(heads)
         result = engine.complete(mem, flat)

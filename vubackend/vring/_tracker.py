@@ -17,6 +17,10 @@
 #   recover_packed() returns the recorded used position and the chains to
 #   rebuild. unlink() undoes a link() whose push failed; drop() forgets
 #   chains that are malformed on resubmission.
+# * A split tracker that also gives its region (NativeInflightTracker) is
+#   recorded by the native ring calls themselves while the ring walks
+#   natively; begin/link/complete then run only for what the Python walks
+#   do, with `counter` kept current in between.
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "AnyInflightTracker",
     "InflightTracker",
+    "NativeInflightTracker",
     "PackedDesc",
     "PackedInflightTracker",
 ]
@@ -59,6 +64,22 @@ class InflightTracker(Protocol):
         """After a reconnect: if the recorded used index differs from
         ``used_idx`` (``used->idx`` in guest memory), clear the last batch
         and record ``used_idx``; then return :meth:`pending`."""
+        ...
+
+
+@runtime_checkable
+class NativeInflightTracker(Protocol):
+    """A split tracker over the spec's layout, which the native ring calls
+    can write themselves (see the module rules)."""
+
+    counter: int
+    """The counter the next recorded head gets."""
+
+    def region(self) -> tuple[memoryview, int]:
+        """The queue's region of the inflight buffer (its 16-byte header,
+        then 16 bytes per descriptor state: inflight flag, 5 pad bytes,
+        next, counter) and its number of descriptor states. The caller
+        releases the view."""
         ...
 
 
