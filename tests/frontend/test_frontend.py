@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 import time
 
@@ -140,6 +141,21 @@ def test_hung_backend_times_out_and_marks_the_session_broken(
     assert frontend.broken is not None
     with pytest.raises(PeerDisconnectedError, match="unusable"):
         frontend.get_features()
+
+
+def test_a_stray_message_instead_of_the_reply_marks_the_session_broken() -> None:
+    """A whole message for another request where the reply should be (the
+    ack libvhost-user sends for a request it does not know): a typed error,
+    and the session is out of step (the reply may still come), so the next
+    request refuses."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs, Frontend.from_socket(ours, timeout=2.0) as fe:
+        theirs.sendall(frame(999, bytes(8), flags=0x5))  # a reply to 999
+        with pytest.raises(RemoteProtocolError, match="GET_FEATURES: "):
+            fe.get_features()
+        assert fe.broken is not None
+        with pytest.raises(PeerDisconnectedError, match="unusable"):
+            fe.get_status()
 
 
 def test_backend_that_hangs_up_is_reported_as_disconnected(

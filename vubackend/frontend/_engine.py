@@ -145,7 +145,9 @@ class RequestEngine:
                 mid_message=exc.mid_message,
             ) from exc
         except RemoteProtocolError as exc:
-            if not exc.recoverable:
+            # A whole message was skipped: still in step only if it was this
+            # request's reply; otherwise that reply is yet to come.
+            if not exc.recoverable or exc.request != int(request):
                 self._break(str(exc))
             raise RemoteProtocolError(
                 f"{request.name}: bad reply: {exc}",
