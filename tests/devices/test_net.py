@@ -12,7 +12,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,14 @@ import pytest
 from tests.fdutil import open_fds
 from vubackend.daemon import VhostUserDaemon
 from vubackend.devices import (
+    Link,
     LoopbackLink,
     NetDevice,
     NetFeatures,
     SinkLink,
     TapLink,
 )
+from vubackend.devices._net_links import Deliver
 from vubackend.errors import DeviceError
 from vubackend.frontend import (
     DriverRing,
@@ -35,6 +37,7 @@ from vubackend.frontend import (
     make_driver_ring,
 )
 from vubackend.protocol import FrontendReq, VirtioFeatures
+from vubackend.vring import ChainBatch, DescriptorChain
 
 V1 = int(VirtioFeatures.VERSION_1 | VirtioFeatures.EVENT_IDX)
 MRG = int(NetFeatures.MRG_RXBUF)
@@ -183,6 +186,53 @@ def test_driver_receive_returns_at_most_count_in_order(tmp_path: Path) -> None:
         got = [net.receive(1) for _ in range(3)]
         assert got == [[sent[0]], [sent[1]], [sent[2]]]
         assert net.receive(20, timeout=0.1) == sent[3:]
+
+
+class CountingLoopback(Link):
+    """The loopback, noting the device's counters as soon as the frames it
+    passed on may be in the guest's hands."""
+
+    def __init__(self) -> None:
+        self.inner = LoopbackLink()
+        self.device: NetDevice | None = None
+        self.seen: list[tuple[int, int, int]] = []
+
+    def attach(self, queue_pairs: int, deliver: Deliver) -> None:
+        self.inner.attach(queue_pairs, deliver)
+
+    def transmit(
+        self, pair: int, frames: Sequence[DescriptorChain], header_size: int
+    ) -> int:
+        return self._note(self.inner.transmit(pair, frames, header_size))
+
+    def transmit_batch(self, pair: int, batch: ChainBatch, header_size: int) -> int:
+        return self._note(self.inner.transmit_batch(pair, batch, header_size))
+
+    def _note(self, taken: int) -> int:
+        assert self.device is not None
+        stats = self.device.stats()
+        self.seen.append((taken, stats.tx_frames, stats.rx_frames))
+        return taken
+
+
+def test_counters_include_what_the_guest_may_already_see(tmp_path: Path) -> None:
+    """Frames the loopback hands to RX can reach the guest before the TX
+    batch is returned: both counters already include them then."""
+    link = CountingLoopback()
+    device = link.device = NetDevice(link)
+    sent = frames(50, 80)
+    with served(device, tmp_path) as path, connect(path, V1) as fe:
+        net = NetDriver(fe, fe.setup_queue(0, 64), fe.setup_queue(1, 64))
+        fe.start_device()
+        net.post_rx_buffers()
+        net.send(sent)
+        assert net.receive(50) == sent
+    total = 0
+    for taken, tx_frames, rx_frames in link.seen:
+        total += taken
+        assert tx_frames >= total
+        assert rx_frames >= total
+    assert total == 50
 
 
 def test_two_queue_pairs_each_loop_back(tmp_path: Path) -> None:

@@ -507,11 +507,14 @@ class NetDevice(VhostUserBackend):
         if p.pending:
             chains, p.pending = p.pending, []
             header = self._header
+            # Counted first, as in _take_batch.
+            sizes = [max(c.readable_len - header, 0) for c in chains]
+            p.tx_frames += len(chains)
+            p.tx_bytes += sum(sizes)
             taken = self._link.transmit(p.index, chains, header)
-            kept = chains[:taken]
-            p.tx_used += [c.head for c in kept]
-            p.tx_frames += taken
-            p.tx_bytes += sum(max(c.readable_len - header, 0) for c in kept)
+            p.tx_frames -= len(chains) - taken
+            p.tx_bytes -= sum(sizes[taken:])
+            p.tx_used += [c.head for c in chains[:taken]]
             if taken < len(chains):
                 p.pending = chains[taken:]
                 p.tx_blocked = True
@@ -522,17 +525,20 @@ class NetDevice(VhostUserBackend):
 
     def _take_batch(self, p: _Pair, batch: ChainBatch) -> int:
         # One TX batch to the link; what it did not take waits in p.pending.
+        # Counted before the link sees it: what it makes of the frames (the
+        # loopback's RX) may reach the guest before it returns.
         header = self._header
         count = len(batch)
+        size = batch.readable_bytes(header)
+        p.tx_frames += count
+        p.tx_bytes += size
         taken = self._link.transmit_batch(p.index, batch, header)
-        if taken == count:
-            p.tx_bytes += batch.readable_bytes(header)
-        else:
-            lengths = batch.readable_lens[:taken]
-            p.tx_bytes += sum(max(n - header, 0) for n in lengths)
+        if taken != count:
+            lengths = batch.readable_lens[taken:]
+            p.tx_frames -= count - taken
+            p.tx_bytes -= sum(max(n - header, 0) for n in lengths)
             p.pending = batch.chains()[taken:]
             p.tx_blocked = True
-        p.tx_frames += taken
         return taken
 
     def _deliver(

@@ -162,7 +162,6 @@ class RxPath:
             used = batch.fill(frames, self._one, start=at)
             self._complete(batch, used)
             done += len(used)
-            self.size += sum(used) - self.header * len(used)
             if len(used) < len(frames):
                 # A frame its chain cannot hold: the per-chain path.
                 self.pending += [bytes(f) for f in frames[len(used) :]]
@@ -191,7 +190,6 @@ class RxPath:
             )
             self._complete(dst, used)
             taken += len(used)
-            self.size += sum(used) - self.header * len(used)
             if taken < count and self._at < len(dst):
                 if batch.words[8 * taken + 5] <= header:
                     self.errors += 1  # an empty frame: not delivered
@@ -235,14 +233,16 @@ class RxPath:
 
     def _complete(self, batch: ChainBatch, used: array[int]) -> None:
         # Return the chains the batch path filled, after the per-chain
-        # path's entries (ring order).
+        # path's entries (ring order); counted first, so that whatever the
+        # guest sees is in the counters.
         if not used:
             return
         self.flush()
         assert self.ring is not None
+        self.frames += len(used)
+        self.size += sum(used) - self.header * len(used)
         self.ring.add_used_batch(batch, len(used), used, first=self._at)
         self._at += len(used)
-        self.frames += len(used)
 
     def _to_spares(self) -> None:
         # Hand the chains popped ahead to the per-chain path, in order.
