@@ -29,6 +29,7 @@ from vubackend._native._rings import RegionTable, TableReleasedError
 
 if TYPE_CHECKING:
     from array import array
+    from collections.abc import Callable
 
     from cffi import FFI
     from typing_extensions import Buffer
@@ -287,17 +288,25 @@ def chains_fill(
     if sum(lengths[:count]) > len(blob):
         raise IndexError(f"{count} frames overrun the {len(blob)} bytes given")
     out = _from_buffer("uint32_t[]", used, require_writable=True)
-    keep = table._pins
-    if table._count < 0:
-        raise TableReleasedError("region table released")
-    result: int = _fill(
-        table._table, table._count, segs, nsegs, recs, count, prefix, len(prefix),
-        blob, len(blob), _from_buffer("uint32_t[]", lengths), out,
-    )  # fmt: skip
-    del keep
-    if result < 0:
-        raise _failed(result, "chain fill")
-    return result
+    sizes = _from_buffer("uint32_t[]", lengths)
+    return _on_table(
+        table,
+        "chain fill",
+        lambda regions, n: _fill(
+            regions,
+            n,
+            segs,
+            nsegs,
+            recs,
+            count,
+            prefix,
+            len(prefix),
+            blob,
+            len(blob),
+            sizes,
+            out,
+        ),
+    )
 
 
 def chains_forward(
@@ -329,17 +338,25 @@ def chains_forward(
     if len(used) < count:
         raise IndexError(f"{count} chains, {len(used)} used")
     out = _from_buffer("uint32_t[]", used, require_writable=True)
-    keep = table._pins
-    if table._count < 0:
-        raise TableReleasedError("region table released")
-    result: int = _forward(
-        table._table, table._count, src_segs, src_nsegs, src_recs, dst_segs,
-        dst_nsegs, dst_recs, count, skip, prefix, len(prefix), out,
-    )  # fmt: skip
-    del keep
-    if result < 0:
-        raise _failed(result, "chain forward")
-    return result
+    return _on_table(
+        table,
+        "chain forward",
+        lambda regions, n: _forward(
+            regions,
+            n,
+            src_segs,
+            src_nsegs,
+            src_recs,
+            dst_segs,
+            dst_nsegs,
+            dst_recs,
+            count,
+            skip,
+            prefix,
+            len(prefix),
+            out,
+        ),
+    )
 
 
 def log_chains(
@@ -376,14 +393,26 @@ def log_chains(
     ptr = log._ptr
     if log._end < 0:
         raise ValueError("view released")
+    counts = _from_buffer("uint32_t[]", used)
+    return _on_table(
+        table,
+        "dirty log of chains",
+        lambda regions, n: _log(
+            ptr, 8 * log._size, regions, n, segs, nsegs, recs, count, counts
+        ),
+    )
+
+
+def _on_table(
+    table: RegionTable, what: str, call: Callable[[FFI.CData, int], int]
+) -> int:
+    # A batch call on the table's regions, pinned for its duration (the
+    # module's rules); a negative result is the errno of `what`.
     keep = table._pins
     if table._count < 0:
         raise TableReleasedError("region table released")
-    result: int = _log(
-        ptr, 8 * log._size, table._table, table._count, segs, nsegs, recs, count,
-        _from_buffer("uint32_t[]", used),
-    )  # fmt: skip
+    result = call(table._table, table._count)
     del keep
     if result < 0:
-        raise _failed(result, "dirty log of chains")
+        raise _failed(result, what)
     return result

@@ -242,26 +242,16 @@ class RingWalker:
         side checks the position, the flags and ``max_chains`` itself.
 
         Returns:
-            ``(stop, chains popped, next_avail, avail_wrap)``; the chains
-            with :meth:`take`, the rest of the result (faults) with
-            :meth:`last_pop`.
+            ``(stop, chains popped, next_avail, avail_wrap)``; the rest of
+            the result (faults) with :meth:`last_pop`. :meth:`pop_take`
+            also returns the chains.
 
         Raises:
             ValueError: not bound, the table was released, or an argument is
                 out of range.
         """
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        stop = self._pop(next_avail, avail_wrap, flags, max_chains)
         st = self._state_words
-        st[_S_NEXT_AVAIL] = next_avail
-        st[_S_AVAIL_WRAP] = avail_wrap
-        stop = _ring_pop(self._ring, flags, max_chains)
-        if stop == _ARGS:
-            raise ValueError(
-                f"pop at {next_avail} (wrap {avail_wrap}), flags {flags:#x}, "
-                f"max_chains {max_chains}: out of range"
-            )
         return (_STOPS[stop], st[_S_COUNT], st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP])
 
     def pop_take(
@@ -273,26 +263,16 @@ class RingWalker:
         int,
         tuple[array[int], array[int], bytes | None, FFI.CData] | None,
     ]:
-        """:meth:`pop_bound`, then :meth:`take` of what came, in one call:
-        ``(stop, count, next_avail, avail_wrap, taken)``, ``taken`` None
-        when nothing came; the headers (``bytes``) only with
-        ``RING_PEEK``. The data path's pop (one call less per kick)."""
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        """:meth:`pop_bound` and what came, in one call: ``(stop, count,
+        next_avail, avail_wrap, taken)``; ``taken`` is None when nothing
+        came, else copies of the chains' record words and segment words, the
+        headers (``bytes``, only with ``RING_PEEK``), and the segment words
+        pinned for ``chain_copy`` / ``chain_file_io``. The data path's pop."""
+        stop = self._pop(next_avail, avail_wrap, flags, max_chains)
         st = self._state_words
-        st[_S_NEXT_AVAIL] = next_avail
-        st[_S_AVAIL_WRAP] = avail_wrap
-        stop = _ring_pop(self._ring, flags, max_chains)
-        if stop == _ARGS:
-            raise ValueError(
-                f"pop at {next_avail} (wrap {avail_wrap}), flags {flags:#x}, "
-                f"max_chains {max_chains}: out of range"
-            )
         count = st[_S_COUNT]
         if not count:
             return (_STOPS[stop], 0, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], None)
-        # take(), inline.
         chains = self._chain_words[: CHAIN_WORDS * count]
         segments = self._seg_words[: 2 * st[_S_SEGS]]
         taken = (
@@ -305,13 +285,26 @@ class RingWalker:
         )
         return (_STOPS[stop], count, st[_S_NEXT_AVAIL], st[_S_AVAIL_WRAP], taken)
 
-    def take(self, count: int) -> tuple[array[int], array[int], FFI.CData]:
-        """The last pop's ``count`` chains: copies of their record words and
-        their segment words, and the segment words pinned for
-        ``chain_copy`` / ``chain_file_io``."""
-        chains = self._chain_words[: CHAIN_WORDS * count]
-        segments = self._seg_words[: 2 * self._state_words[_S_SEGS]]
-        return chains, segments, _from_buffer("uint64_t[]", segments)
+    def _live(self) -> None:
+        table = self._bound
+        if table is None or table._count < 0:
+            raise ValueError("the walker is not bound to a live region table")
+
+    def _pop(
+        self, next_avail: int, avail_wrap: int, flags: int, max_chains: int
+    ) -> int:
+        # The bound pop, from a position: its raw stop code.
+        self._live()
+        st = self._state_words
+        st[_S_NEXT_AVAIL] = next_avail
+        st[_S_AVAIL_WRAP] = avail_wrap
+        stop: int = _ring_pop(self._ring, flags, max_chains)
+        if stop == _ARGS:
+            raise ValueError(
+                f"pop at {next_avail} (wrap {avail_wrap}), flags {flags:#x}, "
+                f"max_chains {max_chains}: out of range"
+            )
+        return stop
 
     def last_pop(self, stop: RingStop) -> PopResult:
         """The full result of the last bound pop (which returned ``stop``)."""
@@ -331,9 +324,7 @@ class RingWalker:
             ValueError: not bound, the table was released, or an argument is
                 out of range.
         """
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        self._live()
         ptr, count, keep = self._entries_for(entries)
         st = self._state_words
         st[_S_NEXT_USED] = next_used
@@ -351,9 +342,7 @@ class RingWalker:
         self, next_used: int, used_wrap: int, flags: int, ident: int, length: int
     ) -> tuple[RingStop, int, int]:
         """:meth:`push_bound` of one ``(ident, length)`` entry."""
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        self._live()
         st = self._state_words
         st[_S_NEXT_USED] = next_used
         st[_S_USED_WRAP] = used_wrap
@@ -393,9 +382,7 @@ class RingWalker:
             ValueError: not bound, the table was released, or an argument is
                 out of range.
         """
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        self._live()
         st = self._state_words
         st[_S_NEXT_USED] = next_used
         st[_S_USED_WRAP] = used_wrap
@@ -444,9 +431,7 @@ class RingWalker:
                 not in ``records``, ``length`` is shorter than ``count``,
                 more than one pop's worth, or an argument is out of range.
         """
-        table = self._bound
-        if table is None or table._count < 0:
-            raise ValueError("the walker is not bound to a live region table")
+        self._live()
         if first < 0 or count < 0 or (first + count) * CHAIN_WORDS > len(records):
             raise ValueError(
                 f"chains {first}..{first + count} are not in {len(records)} "

@@ -621,17 +621,7 @@ class DescriptorChain:
         words, at = batch.words, self._at
         nread = words[at + 4]
         first, count = words[at + 2] + nread, words[at + 3] - nread
-        nsegs = batch._nsegs
-        ptr = batch._seg_ptr or batch._pin()
-        try:
-            done = chain_file_io(
-                fd, table, ptr, nsegs, first, count, start, want, offset, True
-            )
-        except TableReleasedError:
-            table = batch._repin()
-            done = chain_file_io(
-                fd, table, ptr, nsegs, first, count, start, want, offset, True
-            )
+        done = self._file_io(fd, table, first, count, start, want, offset, True)
         self._wpos = start + done
         slot = batch._slot
         if slot is None or slot.current is not None:
@@ -663,19 +653,36 @@ class DescriptorChain:
         if table is None:
             return self._file_by_pieces(fd, want, offset, into_chain=False)
         words, at = batch.words, self._at
-        first, count, nsegs = words[at + 2], words[at + 4], batch._nsegs
-        ptr = batch._seg_ptr or batch._pin()
-        try:
-            done = chain_file_io(
-                fd, table, ptr, nsegs, first, count, rpos, want, offset, False
-            )
-        except TableReleasedError:
-            table = batch._repin()
-            done = chain_file_io(
-                fd, table, ptr, nsegs, first, count, rpos, want, offset, False
-            )
+        first, count = words[at + 2], words[at + 4]
+        done = self._file_io(fd, table, first, count, rpos, want, offset, False)
         self._rpos = rpos + done
         return done
+
+    def _file_io(
+        self,
+        fd: int,
+        table: RegionTable,
+        first: int,
+        count: int,
+        skip: int,
+        want: int,
+        offset: int,
+        into_chain: bool,
+    ) -> int:
+        # chain_file_io over segments [first, first + count) of the batch,
+        # pinning the batch's own regions if its ring moved on meanwhile.
+        batch = self._batch
+        ptr = batch._seg_ptr or batch._pin()
+        try:
+            return chain_file_io(
+                fd, table, ptr, batch._nsegs, first, count, skip, want, offset,
+                into_chain,
+            )  # fmt: skip
+        except TableReleasedError:
+            return chain_file_io(
+                fd, batch._repin(), ptr, batch._nsegs, first, count, skip, want,
+                offset, into_chain,
+            )  # fmt: skip
 
     def _file_by_pieces(
         self, fd: int, want: int, offset: int, *, into_chain: bool

@@ -332,21 +332,8 @@ class _LockedVring:
         Returns:
             The number of chains served.
         """
-        # get_mut() and VringState.drain, inline (once per kick).
-        state = self._state
         with self._exclusive:
-            state._lease = state._hold_lease  # hold()
-            try:
-                return drain_chains(
-                    state._hold_lease,
-                    state._queue,
-                    state.signal_used_queue,
-                    serve,
-                    busy_poll,
-                    max_chains,
-                )
-            finally:
-                state.unhold()
+            return self._state._held(drain_chains, serve, busy_poll, max_chains)
 
     def drain_batches(
         self,
@@ -363,21 +350,10 @@ class _LockedVring:
         Returns:
             The number of chains taken.
         """
-        state = self._state
         with self._exclusive:
-            state._lease = state._hold_lease  # hold()
-            try:
-                return drain_batches(
-                    state._hold_lease,
-                    state._queue,
-                    state.signal_used_queue,
-                    serve,
-                    busy_poll,
-                    max_chains,
-                    budget,
-                )
-            finally:
-                state.unhold()
+            return self._state._held(
+                drain_batches, serve, busy_poll, max_chains, budget
+            )
 
     def pop_batches(self, max_chains: int | None = None) -> list[ChainBatch]:
         """Pop the available chains as batches (:meth:`VringState.pop_batches`)."""
